@@ -1,0 +1,1 @@
+"""Streaming DataModules over counter-based synthetic data."""

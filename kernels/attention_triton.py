@@ -1,0 +1,368 @@
+"""FlashAttention-2-style Triton kernels: forward with online softmax, backward in three passes.
+
+Layout: q, k, v, o, do are (batch, heads, seq, head_dim) with unit stride on head_dim (other
+strides are free); lse and delta are contiguous float32 (batch, heads, seq). Scores are kept in
+base 2: ``qk_scale = scale * log2(e)`` turns ``exp(scale * s)`` into ``exp2(qk_scale * s)``.
+``lse`` is stored in natural units (``log sum_j exp(scale * q.k_j)``) and rescaled on load.
+
+Any seq >= 1: loads are masked on the sequence axis; out-of-range keys get zero probability,
+out-of-range queries load zeros (so they add nothing in the dK/dV pass) and are never stored.
+Causal attention (square, top-left aligned like SDPA's ``is_causal``) uses two loop stages:
+blocks strictly below the diagonal without a mask, then the diagonal blocks with one.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    # fp32 inputs: full precision unless the user allowed TF32 (torch's matmul flag); 16-bit: ignored.
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+# ------------------------------------------------------------------------------------ forward
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi,
+               offs_m, offs_n, offs_d, N_CTX, qk_scale,
+               BLOCK_N: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr):
+    # MASK: 0 = every key in [lo, hi) is valid, 1 = causal diagonal, 2 = sequence tail.
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]  # K^T tile (HEAD_DIM, BLOCK_N)
+        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
+        if MASK == 0:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=cols[None, :] < N_CTX, other=0.0)
+            v = tl.load(v_ptrs, mask=cols[:, None] < N_CTX, other=0.0)
+        qk = _dot(q, k, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
+        if MASK == 0:
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            qk = qk * qk_scale - m_ij[:, None]
+        else:
+            if MASK == 1:
+                keep = offs_m[:, None] >= cols[None, :]  # for real rows this implies cols < N_CTX
+            else:
+                keep = (cols < N_CTX)[None, :]
+            # Every row has a kept key in the first masked block it meets (key start_m*BLOCK_M
+            # on the diagonal, key 0 in a lone tail block), so m_ij is finite and no NaN arises.
+            qk = tl.where(keep, qk * qk_scale, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            qk = qk - m_ij[:, None]
+        p = tl.math.exp2(qk)
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE,
+              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+              H, N_CTX, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_valid = offs_m < N_CTX
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if CAUSAL:
+        # stage 1: keys left of this row block (all valid, no mask); stage 2: the diagonal blocks.
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
+                                   0, start_m, offs_m, offs_n, offs_d, N_CTX, qk_scale,
+                                   BLOCK_N, 0, IEEE)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
+                                   start_m, tl.minimum(start_m + BLOCK_M, N_CTX),
+                                   offs_m, offs_n, offs_d, N_CTX, qk_scale, BLOCK_N, 1, IEEE)
+    else:
+        n_full = (N_CTX // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
+                                   0, n_full, offs_m, offs_n, offs_d, N_CTX, qk_scale,
+                                   BLOCK_N, 0, IEEE)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
+                                   n_full, N_CTX, offs_m, offs_n, offs_d, N_CTX, qk_scale,
+                                   BLOCK_N, 2, IEEE)
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
+    acc = acc / l_i[:, None]
+    tl.store(LSE + off_bh.to(tl.int64) * N_CTX + offs_m, lse, mask=m_valid)
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_valid[:, None])
+
+
+# ----------------------------------------------------------------------------------- backward
+@triton.jit
+def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
+                    H, N_CTX, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    # delta_i = rowsum(dO * O) = sum_j P_ij dP_ij, the softmax-backward correction term.
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = offs_m[:, None] < N_CTX
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                mask=mask, other=0.0)
+    do = tl.load(DO + off_b * stride_db + off_h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :],
+                 mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + off_bh.to(tl.int64) * N_CTX + offs_m, delta, mask=offs_m < N_CTX)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
+                    lo, hi, offs_n, offs_d, N_CTX, qk_scale,
+                    BLOCK_M: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr):
+    # Works on transposed tiles (keys x queries). Out-of-range queries load q = dO = delta = 0,
+    # so they add exactly nothing to dV (dO = 0) or dK (dS = P * (0 - 0) = 0).
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < N_CTX
+        qT = tl.load(q_base + offs_m[None, :] * stride_qn + offs_d[:, None], mask=m_valid[None, :], other=0.0)
+        lse2 = tl.load(lse_base + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
+        qkT = _dot(k, qT, tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), IEEE)
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if MASK:
+            pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+        dv = _dot(pT.to(do.dtype), do, dv, IEEE)
+        delta = tl.load(delta_base + offs_m, mask=m_valid, other=0.0)
+        dpT = _dot(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), IEEE)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, IEEE)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
+                   H, N_CTX, sm_scale, qk_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    # One program per block of BLOCK_N keys; it walks over the queries in steps of BLOCK_M.
+    tl.static_assert(BLOCK_N % BLOCK_M == 0)
+    start_n = tl.program_id(0) * BLOCK_N
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    do_base = DO + off_b * stride_db + off_h * stride_dh
+    lse_base = LSE + off_bh.to(tl.int64) * N_CTX
+    delta_base = DELTA + off_bh.to(tl.int64) * N_CTX
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_valid = offs_n[:, None] < N_CTX
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=n_valid, other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=n_valid, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    lo = 0
+    if CAUSAL:
+        # the diagonal query blocks need the mask; queries past start_n + BLOCK_N see every key here
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
+                                 start_n, tl.minimum(start_n + BLOCK_N, N_CTX), offs_n, offs_d, N_CTX,
+                                 qk_scale, BLOCK_M, True, IEEE)
+        lo = start_n + BLOCK_N
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
+                             lo, N_CTX, offs_n, offs_d, N_CTX, qk_scale, BLOCK_M, False, IEEE)
+    # dK = scale * dS^T Q; dK/dV are contiguous like the output of torch.empty(q.shape).
+    out_offs = off_bh.to(tl.int64) * N_CTX * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=n_valid)
+    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=n_valid)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, hi,
+                  offs_m, offs_d, N_CTX, qk_scale,
+                  BLOCK_N: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr):
+    # MASK as in _fwd_inner. Masked probabilities are set to 0 before they meet dP.
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + tl.arange(0, BLOCK_N)
+        kT_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
+        vT_ptrs = v_base + cols[None, :] * stride_vn + offs_d[:, None]
+        if MASK == 0:
+            kT = tl.load(kT_ptrs)
+            vT = tl.load(vT_ptrs)
+        else:
+            kT = tl.load(kT_ptrs, mask=cols[None, :] < N_CTX, other=0.0)
+            vT = tl.load(vT_ptrs, mask=cols[None, :] < N_CTX, other=0.0)
+        qk = _dot(q, kT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASK == 1:
+            p = tl.where(offs_m[:, None] >= cols[None, :], p, 0.0)
+        if MASK == 2:
+            p = tl.where((cols < N_CTX)[None, :], p, 0.0)
+        dp = _dot(do, vT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(kT.dtype), tl.trans(kT), dq, IEEE)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                 stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
+                 H, N_CTX, sm_scale, qk_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    # One program per block of BLOCK_M queries; it walks over the keys in steps of BLOCK_N.
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_valid = offs_m < N_CTX
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=m_valid[:, None], other=0.0)
+    do = tl.load(DO + off_b * stride_db + off_h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :],
+                 mask=m_valid[:, None], other=0.0)
+    lse2 = tl.load(LSE + off_bh.to(tl.int64) * N_CTX + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + off_bh.to(tl.int64) * N_CTX + offs_m, mask=m_valid, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if CAUSAL:
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
+                           start_m, tl.minimum(start_m + BLOCK_M, N_CTX), offs_m, offs_d, N_CTX,
+                           qk_scale, BLOCK_N, 1, IEEE)
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
+                           0, start_m, offs_m, offs_d, N_CTX, qk_scale, BLOCK_N, 0, IEEE)
+    else:
+        n_full = (N_CTX // BLOCK_N) * BLOCK_N
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
+                           0, n_full, offs_m, offs_d, N_CTX, qk_scale, BLOCK_N, 0, IEEE)
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
+                           n_full, N_CTX, offs_m, offs_d, N_CTX, qk_scale, BLOCK_N, 2, IEEE)
+    out_offs = off_bh.to(tl.int64) * N_CTX * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DQ + out_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_valid[:, None])
+
+
+# ------------------------------------------------------------------------------ block choices
+def _fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward.
+
+    Interpreter: small tiles so tests are fast yet still cross several blocks. GPU, 16-bit: the
+    tutorial/FA2 H100 choice, 128 x 64 tiles; 8 warps at head_dim 128 keep the fp32
+    accumulator (128 x 128) at 64 registers a thread; 3 stages of K/V tiles are 96 KiB of
+    shared memory at head_dim 128. fp32 (a correctness path, not a speed target) halves the
+    tiles so 2 stages of fp32 K/V fit in shared memory on A100/H100.
+    """
+    if device.type != "cuda":
+        return 32, 16, 4, 1
+    if dtype == torch.float32:
+        return 64, 32, 4 if head_dim <= 64 else 8, 2
+    return 128, 64, 4 if head_dim <= 64 else 8, 3
+
+
+def _bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device):
+    """(BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages) for the backward.
+
+    The dK/dV pass keeps a 128-key block (k, v, dk, dv) resident and streams 32-query tiles;
+    the dQ pass keeps 128 queries (q, dO, dq) and streams 32-key tiles (the tutorial's split).
+    head_dim 128 doubles the resident state, so 8 warps to keep it in registers.
+    """
+    if device.type != "cuda":
+        return 16, 32, 32, 16, 4, 1
+    warps = 4 if head_dim <= 64 else 8
+    if dtype == torch.float32:
+        return 16, 64, 64, 16, warps, 2
+    return 32, 128, 128, 32, warps, 3 if head_dim == 128 else 4
+
+
+def _ieee(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+def _bhn_strides(t: torch.Tensor):
+    assert t.stride(-1) == 1
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _on_device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NullContext()
+
+
+class _NullContext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def flash_attn_forward(q, k, v, causal: bool, scale: float):
+    """Returns (o, lse): o like q (contiguous), lse float32 (batch, heads, seq) in natural log."""
+    B, H, N, D = q.shape
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    block_m, block_n, warps, stages = _fwd_config(D, q.dtype, q.device)
+    grid = (triton.cdiv(N, block_m), B * H)
+    with _on_device(q):
+        _attn_fwd[grid](q, k, v, o, lse, *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v),
+                        *_bhn_strides(o), H, N, scale * LOG2E,
+                        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, IEEE=_ieee(q.dtype),
+                        num_warps=warps, num_stages=stages)
+    return o, lse
+
+
+def flash_attn_backward(do, q, k, v, o, lse, causal: bool, scale: float):
+    """Returns (dq, dk, dv), contiguous, given dO (any strides) and the forward's o and lse."""
+    if do.stride(-1) != 1:  # e.g. the stride-0 gradient of out.sum(); kernels want unit stride on head_dim
+        do = do.contiguous()
+    B, H, N, D = q.shape
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    m1, n1, m2, n2, warps, stages = _bwd_config(D, q.dtype, q.device)
+    ieee = _ieee(q.dtype)
+    strides = (*_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do))
+    with _on_device(q):
+        pre_m = 64 if q.device.type == "cuda" else 32
+        _bwd_preprocess[(triton.cdiv(N, pre_m), B * H)](
+            o, do, delta, *_bhn_strides(o), *_bhn_strides(do), H, N, HEAD_DIM=D, BLOCK_M=pre_m)
+        _attn_bwd_dkdv[(triton.cdiv(N, n1), B * H)](
+            q, k, v, do, lse, delta, dk, dv, *strides, H, N, scale, scale * LOG2E,
+            HEAD_DIM=D, BLOCK_M=m1, BLOCK_N=n1, CAUSAL=causal, IEEE=ieee,
+            num_warps=warps, num_stages=stages)
+        _attn_bwd_dq[(triton.cdiv(N, m2), B * H)](
+            q, k, v, do, lse, delta, dq, *strides, H, N, scale, scale * LOG2E,
+            HEAD_DIM=D, BLOCK_M=m2, BLOCK_N=n2, CAUSAL=causal, IEEE=ieee,
+            num_warps=warps, num_stages=stages)
+    return dq, dk, dv

@@ -1,0 +1,91 @@
+"""k-sparse parity samples as a pure function of (seed, stream, sample index): the PyTorch reference.
+
+The stream layout, shared bit for bit with the Triton kernel:
+
+* sample g (64-bit) of stream s under ``seed`` draws 32-bit word w (w = 0, 1, ...) as
+  ``philox(key=seed, counter=(w // 4, g & 0xffffffff, g >> 32, s))[w % 4]``;
+* bit i of the sample is bit ``i % 32`` of word ``i // 32`` (least significant first);
+* the label noise draws ``u = philox(key=seed, counter=(0xffffffff, g_lo, g_hi, s))[0]`` and
+  flips the label iff ``u < floor(noise * 2**32)``;
+* ``cot[:, j]`` is the XOR of x over ``secret[:j + 1]``; ``cot[:, -1]`` is the noiseless label.
+"""
+from collections.abc import Sequence
+
+import torch
+
+from kernels.dispatch import resolve_backend
+from kernels.philox import MASK32, philox4x32, split_seed
+
+NOISE_WORD = 0xFFFFFFFF
+SEPARATOR = 2  # token id between the bits and the chain in the "tokens" layout
+LAYOUTS = ("bits", "pm1", "tokens")
+
+IntOrInts = int | Sequence[int] | torch.Tensor
+
+
+def sparse_parity(seed: int, start: int, count: int, n: int, secret: IntOrInts, *,
+                  stream: IntOrInts = 0, noise: float = 0.0, backend: str = "auto",
+                  device: torch.device | str | None = None, layout: str = "bits"):
+    """Samples [start, start + count) of stream(s) ``stream``: returns (x, y, cot).
+
+    ``layout="bits"``: x uint8 (count, n), y uint8 (count,), cot uint8 (count, k).
+    ``layout="pm1"``: x float32 in {+1, -1} (= 1 - 2 bits), y float32 = 1 - 2 y; cot as bits.
+    ``layout="tokens"``: x int64 (count, n + 1 + k) = bits, SEPARATOR, cot; y and cot as bits.
+    A sequence of stream ids adds a leading dimension, one slice per stream.
+    """
+    secret_t, streams, single = _check(seed, start, count, n, secret, stream, noise, layout)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    threshold = int(noise * 2**32)
+    if resolve_backend(backend, device, "sparse_parity") == "triton":
+        from kernels.sparse_parity_triton import sparse_parity_triton
+        out = sparse_parity_triton(seed, start, count, n, secret_t.to(device), streams.to(device),
+                                   threshold, layout)
+    else:
+        out = _reference(seed, start, count, n, secret_t.to(device), streams.to(device),
+                         threshold, layout)
+    return tuple(t[0] for t in out) if single else out
+
+
+def _check(seed, start, count, n, secret, stream, noise, layout):
+    if not 0 <= start < 2**64 or count < 0 or start + count > 2**64:
+        raise ValueError(f"sample range [{start}, {start + count}) must lie in [0, 2**64)")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not 0.0 <= noise < 0.5:
+        raise ValueError(f"noise must be in [0, 0.5), got {noise}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    split_seed(seed)
+    secret_t = torch.as_tensor(secret, dtype=torch.int64).reshape(-1).cpu()
+    k = secret_t.numel()
+    if not 1 <= k <= n or secret_t.min() < 0 or secret_t.max() >= n or secret_t.unique().numel() != k:
+        raise ValueError(f"secret must be 1..n distinct indices in [0, {n}), got {secret_t.tolist()}")
+    single = isinstance(stream, int)
+    streams = torch.as_tensor([stream] if single else stream, dtype=torch.int64).reshape(-1).cpu()
+    if streams.numel() and (streams.min() < 0 or streams.max() > MASK32):
+        raise ValueError("stream ids must be in [0, 2**32)")
+    return secret_t, streams, single
+
+
+def _reference(seed, start, count, n, secret, streams, threshold, layout):
+    key0, key1 = split_seed(seed)
+    device = secret.device
+    lo = (start & MASK32) + torch.arange(count, dtype=torch.int64, device=device)
+    g_lo = (lo & MASK32)[None, :, None]
+    g_hi = (((start >> 32) + (lo >> 32)) & MASK32)[None, :, None]
+    s = streams[:, None, None]
+    n_words = (n + 31) // 32
+    calls = torch.arange((n_words + 3) // 4, dtype=torch.int64, device=device)[None, None, :]
+    words = torch.stack(philox4x32(calls, g_lo, g_hi, s, key0, key1), dim=-1)  # (S, count, calls, 4)
+    words = words.flatten(2)[..., :n_words]
+    shifts = torch.arange(32, dtype=torch.int64, device=device)
+    bits = ((words[..., None] >> shifts) & 1).flatten(2)[..., :n].to(torch.uint8)
+    cot = torch.cumsum(bits[..., secret].to(torch.int32), dim=-1).remainder_(2).to(torch.uint8)
+    noise_word = philox4x32(torch.full_like(g_lo, NOISE_WORD), g_lo, g_hi, s, key0, key1)[0][..., 0]
+    y = cot[..., -1] ^ (noise_word < threshold).to(torch.uint8)
+    if layout == "pm1":
+        return 1.0 - 2.0 * bits.float(), 1.0 - 2.0 * y.float(), cot
+    if layout == "tokens":
+        sep = torch.full(bits.shape[:-1] + (1,), SEPARATOR, dtype=torch.int64, device=device)
+        return torch.cat([bits.long(), sep, cot.long()], dim=-1), y, cot
+    return bits, y, cot

@@ -1,0 +1,1 @@
+"""LightningModules: parity MLP ensembles, chain-of-thought models, hidden-progress measures."""

@@ -1,0 +1,169 @@
+"""Two-layer MLP ensembles for k-sparse parity (Barak et al. 2022), trained online by SGD.
+
+An ensemble of E members is held as batched tensors: w1 (E, width, n), b1 (E, width),
+w2 (E, width), b2 (E,). Every member has its own init seed and data stream, and the loss is the
+sum of the members' mean losses, so each member's gradient, and with an elementwise optimizer
+(SGD, Adam) its whole trajectory, is that of a separate run.
+
+The gradient is written out by hand (a two-layer MLP has a five-line backward): on small models
+autograd's bookkeeping costs more than the arithmetic. ``test_parity_mlp`` checks it against
+autograd for every activation and loss.
+"""
+import hashlib
+import math
+
+import lightning as L
+import torch
+from torch import nn
+
+from config import Config
+
+
+def member_generator(seed: int, member: int) -> torch.Generator:
+    """The init RNG of ensemble member ``member``: a function of (seed, member) only."""
+    digest = hashlib.sha256(f"paritylab-init:{seed}:{member}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def init_member(cfg: Config, member: int) -> tuple[torch.Tensor, ...]:
+    """(w1, b1, w2, b2) of one member under ``model.init``."""
+    n, width, init = cfg.data.n, cfg.model.width, cfg.model.init
+    g = member_generator(cfg.seed, member)
+
+    def uniform(shape, bound):
+        return (torch.rand(shape, generator=g) * 2 - 1) * bound
+
+    def signs(shape):
+        return torch.randint(0, 2, shape, generator=g).float() * 2 - 1
+
+    if init == "uniform":  # Xavier-uniform weights, PyTorch's default biases
+        w1 = uniform((width, n), math.sqrt(6 / (n + width)))
+        w2 = uniform((width,), math.sqrt(6 / (width + 1)))
+        b1, b2 = uniform((width,), 1 / math.sqrt(n)), uniform((), 1 / math.sqrt(width))
+    elif init == "gaussian":  # Kaiming-normal weights, zero biases
+        w1 = torch.randn((width, n), generator=g) * math.sqrt(2 / n)
+        w2 = torch.randn((width,), generator=g) * math.sqrt(2 / width)
+        b1, b2 = torch.zeros(width), torch.zeros(())
+    elif init == "sign":
+        w1, w2 = signs((width, n)) / math.sqrt(n), signs((width,)) / math.sqrt(width)
+        b1, b2 = torch.zeros(width), torch.zeros(())
+    else:  # sparse: each neuron starts connected to s random inputs (Edelman et al. 2023)
+        s = cfg.model.init_sparsity
+        chosen = torch.rand((width, n), generator=g).argsort(dim=1)[:, :s]
+        w1 = torch.zeros(width, n).scatter_(1, chosen, signs((width, s)) / math.sqrt(s))
+        w2 = signs((width,)) / math.sqrt(width)
+        b1, b2 = torch.zeros(width), torch.zeros(())
+    return w1, b1, w2, b2
+
+
+class ParityMLP(L.LightningModule):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.automatic_optimization = False
+        self.cfg = cfg
+        first = cfg.model.member_offset
+        self.members = list(range(first, first + cfg.model.ensemble))
+        w1, b1, w2, b2 = (torch.stack(t) for t in zip(*(init_member(cfg, m) for m in self.members)))
+        self.w1, self.b1, self.w2, self.b2 = (nn.Parameter(t) for t in (w1, b1, w2, b2))
+        self.register_buffer("w1_init", w1.clone())
+        self.register_buffer("solved_step", torch.full((len(self.members),), -1, dtype=torch.long))
+        self.register_buffer("accuracy", torch.zeros(len(self.members)))
+
+    # --- model -------------------------------------------------------------------------------
+    def activation(self, z: torch.Tensor) -> torch.Tensor:
+        act = self.cfg.model.activation
+        return z.relu() if act == "relu" else z.sin() if act == "sin" else z.pow(self.cfg.model.power)
+
+    def activation_grad(self, z: torch.Tensor) -> torch.Tensor:
+        act, p = self.cfg.model.activation, self.cfg.model.power
+        return (z > 0).to(z.dtype) if act == "relu" else z.cos() if act == "sin" else p * z.pow(p - 1)
+
+    def hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-activations z and activations h, (E, B, width), for inputs x (E, B, n)."""
+        z = torch.baddbmm(self.b1.unsqueeze(1), x, self.w1.transpose(1, 2))
+        return z, self.activation(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Outputs f (E, B) for inputs x (E, B, n) in {+1, -1}."""
+        _, h = self.hidden(x)
+        return torch.baddbmm(self.b2.view(-1, 1, 1), h, self.w2.unsqueeze(-1)).squeeze(-1)
+
+    def losses(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-member mean loss (E,) of outputs f against labels y in {+1, -1}."""
+        loss = self.cfg.model.loss
+        if loss == "hinge":
+            return (1 - y * f).relu().mean(1)
+        if loss == "square":
+            return (f - y).square().mean(1)
+        return nn.functional.softplus(-y * f).mean(1)
+
+    def loss_grad(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """d(sum of per-member mean losses)/df."""
+        loss, batch = self.cfg.model.loss, f.shape[1]
+        if loss == "hinge":
+            return -y * (y * f < 1).to(f.dtype) / batch
+        if loss == "square":
+            return 2 * (f - y) / batch
+        return -y * torch.sigmoid(-y * f) / batch
+
+    def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Per-member losses and the gradients of their sum w.r.t. (w1, b1, w2, b2)."""
+        z, h = self.hidden(x)
+        f = torch.baddbmm(self.b2.view(-1, 1, 1), h, self.w2.unsqueeze(-1)).squeeze(-1)
+        g = self.loss_grad(f, y)  # (E, B)
+        dz = g.unsqueeze(-1) * self.w2.unsqueeze(1) * self.activation_grad(z)  # (E, B, width)
+        grads = [torch.bmm(dz.transpose(1, 2), x), dz.sum(1),
+                 torch.bmm(g.unsqueeze(1), h).squeeze(1), g.sum(1)]
+        return self.losses(f, y), grads
+
+    # --- training ----------------------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        if o.name in ("adam", "adamw"):
+            adam = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+            return adam(self.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.SGD(self.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        """Run the batch's SGD steps: batch.x is (E, steps, local batch, n)."""
+        opt = self.optimizers()
+        params = [self.w1, self.b1, self.w2, self.b2]
+        distributed = self.trainer.world_size > 1
+        losses = []
+        for j in range(batch.x.shape[1]):
+            x, y = batch.x[:, j], batch.y[:, j]
+            if distributed:  # DDP averages autograd gradients across ranks
+                loss = self.losses(self(x), y)
+                opt.zero_grad(set_to_none=True)
+                self.manual_backward(loss.sum())
+            else:
+                loss, grads = self.loss_and_grads(x, y)
+                for p, grad in zip(params, grads):
+                    p.grad = grad
+            opt.step()
+            losses.append(loss.detach())
+        step = self.trainer.global_step
+        self.log("train/loss", torch.stack(losses).mean(), prog_bar=True, on_step=True, sync_dist=False)
+        if step % self.cfg.eval.every_n_steps == 0 or step >= self.cfg.trainer.max_steps:
+            self.evaluate(step)
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> None:
+        """Accuracy of every member on its held-out stream; record first 100% as solved_step."""
+        x, y = self.trainer.datamodule.eval_set(self.device)
+        self.accuracy = (self(x) * y > 0).float().mean(1)
+        newly = (self.accuracy == 1.0) & (self.solved_step < 0)
+        self.solved_step[newly] = step
+        solved = int((self.solved_step >= 0).sum())
+        self.log_dict({"eval/accuracy_mean": self.accuracy.mean(), "eval/accuracy_min": self.accuracy.min(),
+                       "eval/members_solved": float(solved)}, on_step=True, prog_bar=False)
+        if solved == len(self.members):
+            self.trainer.should_stop = True
+
+    def results(self) -> dict:
+        """summary.json fields: per member for an ensemble, plain values for a single model."""
+        solved = [s if s >= 0 else None for s in self.solved_step.tolist()]
+        accuracy = self.accuracy.tolist()
+        if len(self.members) == 1:
+            return {"solved_step": solved[0], "final_accuracy": accuracy[0]}
+        return {"solved_step": solved, "final_accuracy": accuracy}

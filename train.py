@@ -101,7 +101,7 @@ def main(argv: list[str]) -> int:
         return 2
     for noise in (".*does not have many workers.*", ".*weights_only.*", ".*treespec.*LeafSpec.*"):
         warnings.filterwarnings("ignore", noise)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     try:
         dm, model = build(cfg)
     except ConfigError as err:

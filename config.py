@@ -65,12 +65,15 @@ class TrainerConfig:
     strategy: str = "auto"
     steps_per_batch: int = 0  # SGD steps per Lightning batch; 0 = largest that fits the schedule (<= 100)
     progress_bar: bool = True
+    cpu_threads: int = 1  # torch intra-op threads; small models run fastest on one, 0 = torch's default
+    fail_at_step: int = 0  # fault drill (resume tests): SIGKILL the process at this step; 0 = off
 
 
 @dataclass
 class EvalConfig:
     every_n_steps: int = 500
     size: int = 8192  # held-out samples per member; solved = 100% on them
+    hidden_progress: bool = True  # log the hidden-progress measures (margin, Fourier gap, drift) at each eval
 
 
 @dataclass
@@ -88,7 +91,8 @@ class Config:
     experiment: str = MISSING
     seed: int = 0
     run_dir: Optional[str] = None  # default: runs/<experiment>/<time>-<seed>, unique
-    resume: Optional[str] = None
+    resume: Optional[str] = None  # checkpoint path, or auto: run_dir's last.ckpt if there is one
+    resume_force: bool = False  # resume a checkpoint of another experiment, n, k, seed or secret
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -186,6 +190,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     need(t.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {t.max_steps}")
     need(t.num_nodes >= 1, "trainer.num_nodes", f"must be >= 1, got {t.num_nodes}")
+    need(t.cpu_threads >= 0, "trainer.cpu_threads", f"must be >= 0, got {t.cpu_threads}")
+    need(t.fail_at_step >= 0, "trainer.fail_at_step", f"must be >= 0, got {t.fail_at_step}")
     need(t.steps_per_batch >= 0, "trainer.steps_per_batch", f"must be >= 0, got {t.steps_per_batch}")
     need(cfg.eval.every_n_steps >= 1, "eval.every_n_steps", f"must be >= 1, got {cfg.eval.every_n_steps}")
     need(cfg.eval.size >= 1, "eval.size", f"must be >= 1, got {cfg.eval.size}")

@@ -1,7 +1,6 @@
 """Philox4x32-10 (Salmon et al. 2011) in plain PyTorch, the same function as Triton's ``tl.philox``.
 
-Words are uint32 values held in int64 tensors. The 32x32->64 bit products are split into 16-bit
-halves so that no intermediate leaves the int64 range on any backend.
+Words are uint32 values held in int64 tensors.
 """
 import torch
 
@@ -12,13 +11,13 @@ ROUNDS = 10
 
 
 def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """High and low 32-bit words of a * m for a uint32 tensor a and a uint32 constant m."""
-    a_hi, a_lo = a >> 16, a & 0xFFFF
-    p_hi, p_lo = a_hi * m, a_lo * m  # each < 2**48
-    mid = p_hi + (p_lo >> 16)  # < 2**49
-    hi = mid >> 16
-    lo = ((mid & 0xFFFF) << 16) | (p_lo & 0xFFFF)
-    return hi, lo
+    """High and low 32-bit words of a * m for a uint32 tensor a and a uint32 constant m.
+
+    The 64-bit product can exceed int64's range; PyTorch's integer multiply wraps modulo 2**64 on
+    every backend, which leaves both words exact (the known-answer tests pin this down).
+    """
+    p = a * m
+    return (p >> 32) & MASK32, p & MASK32
 
 
 def philox4x32(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,

@@ -67,6 +67,19 @@ def _check(seed, start, count, n, secret, stream, noise, layout):
     return secret_t, streams, single
 
 
+_BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(torch.uint8)  # byte -> its 8 bits
+_TABLES: dict = {}
+
+
+def _byte_table(layout: str, device: torch.device) -> torch.Tensor:
+    """byte -> its 8 bits, as uint8 bits or as float32 +/-1, cached per device."""
+    key = (layout == "pm1", device)
+    if key not in _TABLES:
+        table = _BYTE_BITS.to(device)
+        _TABLES[key] = 1.0 - 2.0 * table.float() if layout == "pm1" else table
+    return _TABLES[key]
+
+
 def _reference(seed, start, count, n, secret, streams, threshold, layout):
     key0, key1 = split_seed(seed)
     device = secret.device
@@ -78,14 +91,19 @@ def _reference(seed, start, count, n, secret, streams, threshold, layout):
     calls = torch.arange((n_words + 3) // 4, dtype=torch.int64, device=device)[None, None, :]
     words = torch.stack(philox4x32(calls, g_lo, g_hi, s, key0, key1), dim=-1)  # (S, count, calls, 4)
     words = words.flatten(2)[..., :n_words]
-    shifts = torch.arange(32, dtype=torch.int64, device=device)
-    bits = ((words[..., None] >> shifts) & 1).flatten(2)[..., :n].to(torch.uint8)
-    cot = torch.cumsum(bits[..., secret].to(torch.int32), dim=-1).remainder_(2).to(torch.uint8)
-    noise_word = philox4x32(torch.full_like(g_lo, NOISE_WORD), g_lo, g_hi, s, key0, key1)[0][..., 0]
-    y = cot[..., -1] ^ (noise_word < threshold).to(torch.uint8)
+    # bit i of a sample is bit i % 8 of byte i // 8 (bytes little-endian within each word)
+    byte_shifts = torch.arange(0, 32, 8, dtype=torch.int64, device=device)
+    byte_values = ((words[..., None] >> byte_shifts) & 0xFF).flatten(2)[..., : (n + 7) // 8]
+    x = _byte_table(layout, device)[byte_values].flatten(2)[..., :n]
+    secret_bits = (words[..., secret // 32] >> (secret % 32)) & 1
+    cot = torch.cumsum(secret_bits, dim=-1).remainder_(2).to(torch.uint8)
+    y = cot[..., -1]
+    if threshold:
+        noise_word = philox4x32(torch.full_like(g_lo, NOISE_WORD), g_lo, g_hi, s, key0, key1)[0][..., 0]
+        y = y ^ (noise_word < threshold).to(torch.uint8)
     if layout == "pm1":
-        return 1.0 - 2.0 * bits.float(), 1.0 - 2.0 * y.float(), cot
+        return x, 1.0 - 2.0 * y.float(), cot
     if layout == "tokens":
-        sep = torch.full(bits.shape[:-1] + (1,), SEPARATOR, dtype=torch.int64, device=device)
-        return torch.cat([bits.long(), sep, cot.long()], dim=-1), y, cot
-    return bits, y, cot
+        sep = torch.full(x.shape[:-1] + (1,), SEPARATOR, dtype=torch.int64, device=device)
+        return torch.cat([x.long(), sep, cot.long()], dim=-1), y, cot
+    return x, y, cot

@@ -3,22 +3,28 @@
 Same stream as the PyTorch reference in ``kernels/sparse_parity.py`` (read its docstring), bit for bit.
 One program owns ``BLOCK_R`` rows (samples) of one stream and
 
-1. walks the row in chunks of ``BLOCK_C`` bits held as a 3D tile (rows, philox calls, 128 bits):
-   one ``tl.philox`` call per (row, 128-bit chunk) gives four uint32 words, and shifts expand them
-   to bits, written straight in the requested layout (uint8 bits, float32 +-1, int64 tokens);
-2. gathers the secret bits ``KB`` at a time: bit ``p`` is bit ``p % 32`` of word ``p // 32``, recomputed
-   with one philox per (row, secret index) -- or, when the whole row is one philox call (n <= 128),
-   taken from the words of step 1 -- and writes the running parity (``tl.cumsum`` + a carry) as cot;
+1. walks the row in chunks of ``BLOCK_C`` bits: one ``tl.philox`` call per (row, 128-bit chunk)
+   gives four uint32 words, ``tl.join``/``tl.reshape`` lay them out as a (rows, words) tile, and a
+   ``tl.gather`` + shift expands them to bits, written straight in the requested layout (uint8
+   bits, float32 +-1 or int64 tokens);
+2. takes the secret bits ``KB`` at a time (bit ``p`` is bit ``p % 32`` of word ``p // 32``): gathered
+   from the words of step 1 when one chunk holds the whole row (n <= 512), else recomputed with one
+   philox per (row, secret index); the running parity (``tl.cumsum`` + a carry) is the cot;
 3. draws the noise word (counter ``c0 = 0xffffffff``) and writes the label.
 
 No intermediate tensor touches memory. Counters are always uint32 tensors: ``tl.philox`` with
 Python-int or int64 counters silently switches to Philox4x64, a different stream.
 
-Block sizes are fixed, not autotuned: the kernel is a pure streaming write, so anything with
-~4K elements per program and 4 warps saturates bandwidth; the row is cut into chunks of at most
-512 bits so register use stays flat for any n, and ``BLOCK_R = 4096 // BLOCK_C`` rows keep the tile
-size constant (e.g. n=50: 64 rows x 64 bits; n=4096: 8 rows x 512 bits, 8 chunks).
-Only ``tl.philox``, ``tl.cumsum``, ``tl.where`` and plain loops are used (all present in triton 3.0+).
+Why a gather rather than ``words[:, :, None] >> shifts``: with a broadcast, Triton's layout pass
+rematerialises the whole philox chain in the layout of the store, i.e. once per thread that
+writes a piece of the row (up to once per output element: ~16x more ``mul.hi`` in the PTX for
+n=50); the gather keeps philox in a compact layout and moves the words through shared memory.
+
+Block sizes are fixed, not autotuned: the kernel is a streaming write, and a tile of ~4K outputs
+per program with 4 warps is enough to keep stores in flight; rows are cut into chunks of at most
+512 bits so registers stay flat for any n, and ``BLOCK_R = 4096 // BLOCK_C`` (at most 256) rows
+keep the tile size constant (n=50: 64 rows x 64 bits; n=4096: 8 rows x 512 bits, 8 chunks).
+Needs triton >= 3.2 (``tl.gather``); checked to compile for sm_80/90/100 with triton 3.6 and 3.9.
 """
 from contextlib import nullcontext
 
@@ -31,7 +37,9 @@ from kernels.sparse_parity import SEPARATOR
 LAYOUT_IDS = {"bits": 0, "pm1": 1, "tokens": 2}
 TILE = 4096  # elements per program tile (rows x bits)
 MAX_CHUNK = 512  # bits per row per loop iteration
+MAX_ROWS = 256  # rows per program (tiny n)
 MAX_KB = 32  # secret indices per loop iteration
+SECRET_TILE = 512  # philox calls per secret step (rows x KB): ~4 per thread, no register spills
 MAX_GRID_Y = 65535  # CUDA limit on grid axis 1 (streams)
 _SEPARATOR = tl.constexpr(SEPARATOR)
 
@@ -43,16 +51,21 @@ def _select_word(w0, w1, w2, w3, sel):
 
 
 @triton.jit
-def _write_x(x_row_ptr, rmask, w0, w1, w2, w3, col0, n,
-             NC: tl.constexpr, INNER: tl.constexpr, LAYOUT: tl.constexpr):
-    """Expand words (R, NC, 1) of calls col0//128 + [0, NC) into bits and store columns [col0, col0+NC*128)."""
-    nc = tl.arange(0, NC)[None, :, None]
-    b = tl.arange(0, INNER)[None, None, :]
-    word = _select_word(w0, w1, w2, w3, b // 32)  # (R, NC, INNER)
-    bits = (word >> (b % 32).to(tl.uint32)) & 1
-    col = col0 + nc * 128 + b
-    mask = rmask[:, None, None] & (col < n)
-    ptrs = x_row_ptr[:, None, None] + col
+def _words(seed, call, g_lo, g_hi, s, BLOCK_R: tl.constexpr, NW: tl.constexpr):
+    """Philox words (R, NW) of calls ``call`` (R, NW // 4): word 4 * c + i is output i of call c."""
+    w0, w1, w2, w3 = tl.philox(seed, call, g_lo, g_hi, s)
+    return tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_R, NW))
+
+
+@triton.jit
+def _bits_at(words, pos, zero_rc):
+    """Bits at positions ``pos`` (1, C) of rows whose words (R, NW) cover them: bit p = bit p%32 of word p//32."""
+    word = tl.gather(words, (pos // 32) + zero_rc, axis=1)
+    return (word >> (pos % 32).to(tl.uint32)) & 1
+
+
+@triton.jit
+def _store_x(ptrs, mask, bits, LAYOUT: tl.constexpr):
     if LAYOUT == 0:
         tl.store(ptrs, bits.to(tl.uint8), mask=mask)
     elif LAYOUT == 1:
@@ -66,9 +79,10 @@ def _sparse_parity_kernel(
     x_ptr, y_ptr, cot_ptr, secret_ptr, streams_ptr,
     seed, start_lo, start_hi, count, n, k, x_stride, threshold,
     BLOCK_R: tl.constexpr, NC: tl.constexpr, INNER: tl.constexpr, KB: tl.constexpr,
-    SINGLE_CALL: tl.constexpr, HAS_NOISE: tl.constexpr, LAYOUT: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, HAS_NOISE: tl.constexpr, LAYOUT: tl.constexpr,
 ):
     BLOCK_C: tl.constexpr = NC * INNER
+    NW: tl.constexpr = NC * 4
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
 
@@ -87,41 +101,46 @@ def _sparse_parity_kernel(
     x_row_ptr = x_ptr + srow * x_stride
     cot_row_ptr = cot_ptr + srow * k
 
-    # 1. x: one philox call per (row, 128 bits).
-    if SINGLE_CALL:  # n <= 128: the whole row is call 0; keep its words for the secret gather.
-        a0, a1, a2, a3 = tl.philox(seed, zero, g_lo, g_hi, s_r)
-        _write_x(x_row_ptr, rmask, a0[:, None, None], a1[:, None, None], a2[:, None, None],
-                 a3[:, None, None], 0, n, NC, INNER, LAYOUT)
+    # 1. x: one philox call per (row, 128 bits), expanded to bits by a gather + shift.
+    zero_w = tl.zeros((BLOCK_R, NC), dtype=tl.uint32)
+    lo_w = g_lo[:, None] + zero_w
+    hi_w = g_hi[:, None] + zero_w
+    s_w = s_r[:, None] + zero_w
+    zero_c = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int32)
+    cols = tl.arange(0, BLOCK_C)[None, :]
+    if ONE_CHUNK:  # n <= BLOCK_C: one tile holds the whole row; its words also serve the secret.
+        row_call = tl.arange(0, NC).to(tl.uint32)[None, :] + zero_w
+        words0 = _words(seed, row_call, lo_w, hi_w, s_w, BLOCK_R, NW)
+        _store_x(x_row_ptr[:, None] + cols, rmask[:, None] & (cols < n),
+                 _bits_at(words0, cols, zero_c), LAYOUT)
     else:
-        zero3 = tl.zeros((BLOCK_R, NC, 1), dtype=tl.uint32)
-        lo3 = g_lo[:, None, None] + zero3
-        hi3 = g_hi[:, None, None] + zero3
-        s3 = s_r[:, None, None] + zero3
         for col0 in range(0, n, BLOCK_C):
-            call = (col0 // 128 + tl.arange(0, NC)).to(tl.uint32)[None, :, None] + zero3
-            w0, w1, w2, w3 = tl.philox(seed, call, lo3, hi3, s3)
-            _write_x(x_row_ptr, rmask, w0, w1, w2, w3, col0, n, NC, INNER, LAYOUT)
+            xcall = (col0 // 128 + tl.arange(0, NC)).to(tl.uint32)[None, :] + zero_w
+            xwords = _words(seed, xcall, lo_w, hi_w, s_w, BLOCK_R, NW)
+            _store_x(x_row_ptr[:, None] + (col0 + cols), rmask[:, None] & (col0 + cols < n),
+                     _bits_at(xwords, cols, zero_c), LAYOUT)
 
     # 2. chain of thought: prefix parities over the secret, KB indices at a time.
-    zero2 = tl.zeros((BLOCK_R, KB), dtype=tl.uint32)
-    lo2 = g_lo[:, None] + zero2
-    hi2 = g_hi[:, None] + zero2
-    s2 = s_r[:, None] + zero2
+    zero_k = tl.zeros((BLOCK_R, KB), dtype=tl.uint32)
+    zero_ki = tl.zeros((BLOCK_R, KB), dtype=tl.int32)
+    lo_k = g_lo[:, None] + zero_k
+    hi_k = g_hi[:, None] + zero_k
+    s_k = s_r[:, None] + zero_k
     carry = tl.zeros((BLOCK_R,), dtype=tl.int32)
     for j0 in range(0, k, KB):
         j = j0 + tl.arange(0, KB)
         jmask = j < k
         pos = tl.load(secret_ptr + j, mask=jmask, other=0).to(tl.int32)[None, :]
-        if SINGLE_CALL:
-            word = _select_word(a0[:, None], a1[:, None], a2[:, None], a3[:, None], pos // 32)
+        if ONE_CHUNK:
+            sbits = _bits_at(words0, pos, zero_ki)
         else:
-            call = (pos // 128).to(tl.uint32) + zero2
-            w0, w1, w2, w3 = tl.philox(seed, call, lo2, hi2, s2)
-            word = _select_word(w0, w1, w2, w3, (pos // 32) % 4)
-        bits = ((word >> (pos % 32).to(tl.uint32)) & 1).to(tl.int32)
-        bits = tl.where(jmask[None, :], bits, 0)
-        chain = (tl.cumsum(bits, axis=1) + carry[:, None]) & 1
-        carry = (carry + tl.sum(bits, axis=1)) & 1
+            scall = (pos // 128).to(tl.uint32) + zero_k
+            v0, v1, v2, v3 = tl.philox(seed, scall, lo_k, hi_k, s_k)
+            word = _select_word(v0, v1, v2, v3, (pos // 32) % 4)
+            sbits = (word >> (pos % 32).to(tl.uint32)) & 1
+        sbits = tl.where(jmask[None, :], sbits.to(tl.int32), 0)
+        chain = (tl.cumsum(sbits, axis=1) + carry[:, None]) & 1
+        carry = (carry + tl.sum(sbits, axis=1)) & 1
         cmask = rmask[:, None] & jmask[None, :]
         tl.store(cot_row_ptr[:, None] + j[None, :], chain.to(tl.uint8), mask=cmask)
         if LAYOUT == 2:
@@ -144,9 +163,10 @@ def _config(n: int, k: int) -> dict:
     """Fixed block sizes chosen from n and k (see the module docstring)."""
     block_c = min(triton.next_power_of_2(n), MAX_CHUNK)
     inner = min(block_c, 128)
-    block_r = max(TILE // block_c, 1)
-    return dict(BLOCK_R=block_r, NC=block_c // inner, INNER=inner,
-                KB=min(triton.next_power_of_2(k), MAX_KB), SINGLE_CALL=n <= 128, num_warps=4)
+    block_r = min(TILE // block_c, MAX_ROWS)
+    kb = max(min(triton.next_power_of_2(k), MAX_KB, SECRET_TILE // block_r), 2)  # >= 2: no size-1 scan
+    return dict(BLOCK_R=block_r, NC=block_c // inner, INNER=inner, KB=kb,
+                ONE_CHUNK=n <= block_c, num_warps=4)
 
 
 def sparse_parity_triton(seed: int, start: int, count: int, n: int, secret: torch.Tensor,

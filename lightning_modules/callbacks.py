@@ -37,32 +37,46 @@ class StepProgressBar(L.Callback):
 
 
 class Throughput(L.Callback):
-    """Wall time of the training loop and samples/s (samples = steps x global batch x members)."""
+    """Training wall time, and steady-state samples/s (samples = steps x global batch x members).
+
+    The rate is timed from the end of the first batch, so one-off start-up work (the TensorBoard
+    writer, first-call allocations) does not count; ``wall_s`` is the whole training loop.
+    """
 
     def __init__(self, samples_per_step: int, log_every_n_steps: int = 500):
         self.samples_per_step = samples_per_step
         self.log_every_n_steps = log_every_n_steps
-        self.wall_s = 0.0
-        self.steps = 0
-        self._start = self._mark = None
-        self._mark_step = 0
+        self.wall_s = self.rate_s = 0.0
+        self.rate_steps = 0
+        self._start = self._mark = self._first = None
+        self._mark_step = self._first_step = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._start = self._mark = time.perf_counter()
-        self._first_step = self._mark_step = trainer.global_step
+        self._start = time.perf_counter()
+        self._first = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step - self._mark_step >= self.log_every_n_steps:
-            now = time.perf_counter()
-            rate = (step - self._mark_step) * self.samples_per_step / (now - self._mark)
-            pl_module.log("perf/samples_per_s", rate, on_step=True)
+        now, step = time.perf_counter(), trainer.global_step
+        if self._first is None:
+            self._first = self._mark = now
+            self._first_step = self._mark_step = step
+        elif step - self._mark_step >= self.log_every_n_steps:
+            self._log(trainer, (step - self._mark_step) * self.samples_per_step / (now - self._mark))
             self._mark, self._mark_step = now, step
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.wall_s = time.perf_counter() - self._start
-        self.steps = trainer.global_step - self._first_step
+        now = time.perf_counter()
+        self.wall_s = now - self._start
+        if self._first is not None and trainer.global_step > self._first_step:
+            self.rate_s, self.rate_steps = now - self._first, trainer.global_step - self._first_step
+            if trainer.global_step > self._mark_step:
+                self._log(trainer, (trainer.global_step - self._mark_step) * self.samples_per_step / (now - self._mark))
+
+    @staticmethod
+    def _log(trainer, rate: float) -> None:
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({"perf/samples_per_s": rate}, step=trainer.global_step)
 
     @property
     def samples_per_s(self) -> float:
-        return self.steps * self.samples_per_step / self.wall_s if self.wall_s else 0.0
+        return self.rate_steps * self.samples_per_step / self.rate_s if self.rate_s else 0.0

@@ -1,0 +1,88 @@
+"""Training throughput: train.py's Lightning step against a plain PyTorch loop, side by side.
+
+    python -m benchmarks.train_throughput [--steps 20000] [--ensemble 1] [--repeats 3] [--json PATH]
+
+The Lightning side is train.py itself (a subprocess; its summary.json gives steps and training wall
+time, data generation included). The plain side is the textbook loop doing the identical update —
+nn.Linear MLP, hinge loss, torch.optim.SGD — with all its data generated before the clock starts,
+so it pays for nothing but the update. Rates are member-steps/s: an ensemble of E counts E per step.
+"""
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH = 32  # the default experiment's batch, used by both sides
+
+
+def lightning_rate(steps: int, ensemble: int, threads: int) -> float:
+    """Member-steps/s of `python train.py` on the default experiment, CPU, no eval until the end.
+
+    summary.json's samples_per_s is timed from the end of the first batch (start-up excluded);
+    the plain loop likewise starts its clock after building the model and the data.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "train.py", f"run_dir={tmp}/run", "trainer.accelerator=cpu",
+               f"trainer.max_steps={steps}", f"eval.every_n_steps={steps}", f"checkpoint.every_n_steps={steps}",
+               f"model.ensemble={ensemble}", f"trainer.cpu_threads={threads}", "trainer.progress_bar=false"]
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+        summary = json.loads(Path(tmp, "run", "summary.json").read_text())
+    return summary["samples_per_s"] / BATCH  # samples = steps x batch x members
+
+
+def plain_rate(steps: int, n: int = 50, width: int = 100, batch: int = BATCH, lr: float = 0.1) -> float:
+    """Steps/s of the plain loop: forward, hinge loss, backward, SGD step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(n, width), nn.ReLU(), nn.Linear(width, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    x = torch.randint(0, 2, (steps, batch, n)).float().mul_(-2).add_(1)
+    y = x[:, :, :3].prod(-1)
+    start = time.perf_counter()
+    for t in range(steps):
+        loss = (1 - y[t] * model(x[t]).squeeze(-1)).relu().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20000)
+    parser.add_argument("--ensemble", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, the same on both sides")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    lightning_steps = max(100, args.steps // args.ensemble // 100 * 100)  # similar wall time per side
+    torch.set_num_threads(args.threads)
+    ours, plain = [], []
+    for _ in range(args.repeats):  # interleaved, so drifting machine load hits both sides alike
+        plain.append(plain_rate(args.steps))
+        ours.append(lightning_rate(lightning_steps, args.ensemble, args.threads))
+    result = {
+        "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "ensemble": args.ensemble,
+        "plain_steps_per_s": statistics.median(plain), "train_py_member_steps_per_s": statistics.median(ours),
+    }
+    result["ratio"] = result["train_py_member_steps_per_s"] / result["plain_steps_per_s"]
+    print(f"default parity MLP (n=50, width 100, batch 32, SGD), CPU, {result['threads']} threads, "
+          f"median of {args.repeats}")
+    print(f"  plain PyTorch loop          {result['plain_steps_per_s']:10.0f} steps/s")
+    print(f"  train.py (E={args.ensemble:<3d})            {result['train_py_member_steps_per_s']:10.0f} member-steps/s")
+    print(f"  ratio                       {result['ratio']:10.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

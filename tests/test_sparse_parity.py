@@ -1,0 +1,123 @@
+"""The stream rule of DESIGN.md on the PyTorch reference path."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from config import compose
+from datamodules.parity import ParityDataModule, Ticket, eval_stream, secret_for, train_stream
+from kernels import philox4x32, sparse_parity
+
+KAT = Path(__file__).resolve().parents[2] / "shared" / "reference" / "philox4x32_10_kat.txt"
+
+
+def kat_vectors() -> list[list[int]]:
+    if not KAT.exists():
+        pytest.skip(f"{KAT} not present")
+    rows = [line.split() for line in KAT.read_text().splitlines() if line and not line.startswith("#")]
+    return [[int(v, 16) for v in row[2:]] for row in rows]
+
+
+def test_philox_reproduces_random123_known_answers():
+    for *counter_key, r0, r1, r2, r3 in kat_vectors():
+        c0, c1, c2, c3, key0, key1 = counter_key
+        out = philox4x32(*(torch.tensor([c], dtype=torch.int64) for c in (c0, c1, c2, c3)), key0, key1)
+        assert [int(o) for o in out] == [r0, r1, r2, r3]
+
+
+@pytest.mark.parametrize("start", [0, 5, 2**32 - 3, 2**40 + 11, 2**64 - 9])
+def test_index_shift_consistency(start):
+    secret = [3, 17, 40, 8]
+    x, y, cot = sparse_parity(7, start, 8, 45, secret, stream=[0, 9], noise=0.2)
+    for i in range(8):
+        xi, yi, coti = sparse_parity(7, start + i, 1, 45, secret, stream=[0, 9], noise=0.2)
+        assert torch.equal(xi[:, 0], x[:, i]) and torch.equal(yi[:, 0], y[:, i])
+        assert torch.equal(coti[:, 0], cot[:, i])
+
+
+def test_labels_are_xor_of_secret_and_chain_is_prefix_parities():
+    secret = [12, 0, 99, 31, 64]
+    x, y, cot = sparse_parity(3, 1000, 512, 100, secret)
+    for j in range(len(secret)):
+        expected = x[:, secret[: j + 1]].sum(1) % 2
+        assert torch.equal(cot[:, j], expected.to(torch.uint8))
+    assert torch.equal(y, cot[:, -1])
+    # encodings (DESIGN rule 4): 1 - 2 * parity equals the product of the secret coordinates of 1 - 2b
+    xp, yp, _ = sparse_parity(3, 1000, 512, 100, secret, layout="pm1")
+    assert torch.equal(xp, 1 - 2 * x.float()) and torch.equal(yp, xp[:, secret].prod(1))
+
+
+def test_tokens_layout_is_bits_separator_chain():
+    x, y, cot = sparse_parity(1, 0, 64, 20, [4, 2, 9])
+    tokens, y2, cot2 = sparse_parity(1, 0, 64, 20, [4, 2, 9], layout="tokens")
+    assert tokens.dtype == torch.int64 and tokens.shape == (64, 20 + 1 + 3)
+    assert torch.equal(tokens[:, :20], x.long()) and (tokens[:, 20] == 2).all()
+    assert torch.equal(tokens[:, 21:], cot.long()) and torch.equal(y2, y) and torch.equal(cot2, cot)
+
+
+def test_noise_flips_labels_at_the_requested_rate():
+    _, y, cot = sparse_parity(11, 0, 200_000, 10, [1, 2], noise=0.1)
+    rate = (y != cot[:, -1]).float().mean().item()
+    assert abs(rate - 0.1) < 5 * (0.1 * 0.9 / 200_000) ** 0.5
+    _, y0, cot0 = sparse_parity(11, 0, 1000, 10, [1, 2])
+    assert torch.equal(y0, cot0[:, -1])
+
+
+def test_seed_high_word_and_streams_change_the_samples():
+    a = sparse_parity(5, 0, 64, 64, [0])[0]
+    assert not torch.equal(a, sparse_parity(5 + 2**32, 0, 64, 64, [0])[0])
+    assert not torch.equal(a, sparse_parity(5, 0, 64, 64, [0], stream=1)[0])
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="secret"):
+        sparse_parity(0, 0, 4, 5, [5])
+    with pytest.raises(ValueError, match="noise"):
+        sparse_parity(0, 0, 4, 5, [1], noise=0.5)
+    with pytest.raises(ValueError, match="sample range"):
+        sparse_parity(0, 2**64 - 2, 4, 5, [1])
+
+
+class FakeTrainer:
+    def __init__(self, rank: int, world: int):
+        self.global_rank, self.world_size, self.global_step = rank, world, 0
+
+
+def datamodule(*args: str) -> ParityDataModule:
+    return ParityDataModule(compose(["data.n=30", "data.k=3", "data.batch_size=8", *args]))
+
+
+def test_rank_slices_union_to_the_global_batch():
+    dm = datamodule("model.ensemble=3")
+    whole = dm.generate(Ticket(step=40, steps=5, rank=0, world_size=1), torch.device("cpu"))
+    for world in (2, 4):
+        parts = [dm.generate(Ticket(40, 5, rank, world), torch.device("cpu")) for rank in range(world)]
+        assert torch.equal(torch.cat([p.x for p in parts], dim=2), whole.x)
+        assert torch.equal(torch.cat([p.y for p in parts], dim=2), whole.y)
+
+
+def test_ticket_stream_resumes_from_the_trainer_step():
+    dm = datamodule()
+    dm.trainer = FakeTrainer(0, 1)
+    dm.trainer.global_step = 300
+    tickets = list(dm.train_dataloader())
+    assert tickets[0].step == 300 and sum(t.steps for t in tickets) == dm.cfg.trainer.max_steps - 300
+    assert all(b.step == a.step + a.steps for a, b in zip(tickets, tickets[1:]))
+
+
+def test_eval_stream_is_disjoint_from_every_training_stream():
+    members = range(64)
+    train, held_out = {train_stream(m) for m in members}, {eval_stream(m) for m in members}
+    assert not train & held_out and len(train) == len(held_out) == 64
+    dm = datamodule("model.ensemble=2", "data.n=64")
+    x_eval, _ = dm.eval_set(torch.device("cpu"))
+    x_train = dm.generate(Ticket(0, 100, 0, 1), torch.device("cpu")).x.flatten(1, 2)
+    for member in range(2):
+        seen = {tuple(row.tolist()) for row in x_train[member]}
+        assert not any(tuple(row.tolist()) in seen for row in x_eval[member])
+
+
+def test_secret_is_a_function_of_the_seed():
+    assert secret_for(4, 50, 3) == secret_for(4, 50, 3)
+    assert len(set(secret_for(4, 50, 50))) == 50
+    assert datamodule("data.secret=[1,2,3]").secret == [1, 2, 3]

@@ -1,0 +1,89 @@
+"""train.py end to end: bad input, run directories, TensorBoard, one smoke run per experiment preset."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from config import CONFIG_DIR, ConfigError, compose
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+def train(cwd: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "train.py"), "trainer.accelerator=cpu", "trainer.progress_bar=false", *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+BAD = {
+    "data.kk=3": "data.kk",
+    "data.n=abc": "data.n",
+    "experiment=nope": "experiment",
+    "data.k=60": "data.k",
+    "data.k=0": "data.k",
+    "data.n=0": "data.n",
+    "data.batch_size=0": "data.batch_size",
+    "optim.lr=0": "optim.lr",
+    "optim.lr=-1": "optim.lr",
+    "data.noise=0.5": "data.noise",
+    "data.noise=-0.1": "data.noise",
+    "model.loss=mse": "model.loss",
+    "trainer.devices=3 trainer.strategy=ddp data.batch_size=32": "data.batch_size",
+}
+
+
+@pytest.mark.parametrize("args", BAD)
+def test_bad_input_names_the_key_and_exits_2_without_a_run_dir(tmp_path, args):
+    done = train(tmp_path, *args.split(), timeout=120)
+    assert done.returncode == 2, done.stderr[-1000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {BAD[args]}"), done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_compose_rejects_what_train_rejects():
+    with pytest.raises(ConfigError, match="data.k"):
+        compose(["data.k=51"])
+    cfg = compose(["experiment=parity_mlp_ensemble", "data.n=40", "model.ensemble=5"])
+    assert (cfg.data.n, cfg.model.ensemble, cfg.experiment) == (40, 5, "parity_mlp_ensemble")
+
+
+def test_two_runs_started_together_get_distinct_run_dirs(tmp_path):
+    args = [sys.executable, str(ROOT / "train.py"), "trainer.accelerator=cpu", "trainer.progress_bar=false",
+            "trainer.max_steps=100", "eval.every_n_steps=100"]
+    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    dirs = sorted((tmp_path / "runs" / "parity_mlp").iterdir())
+    assert len(dirs) == 2 and all((d / "summary.json").exists() for d in dirs)
+
+
+def test_run_dir_layout_and_tensorboard_events(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run_dir = tmp_path / "run"
+    done = train(tmp_path, f"run_dir={run_dir}", "experiment=parity_mlp_ensemble", "model.ensemble=3",
+                 "data.n=30", "data.k=3", "trainer.max_steps=20000", "eval.every_n_steps=100")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (run_dir / "config.yaml").exists() and (run_dir / "checkpoints" / "last.ckpt").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(summary["solved_step"]) == 3 and all(s is not None for s in summary["solved_step"])
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "eval/accuracy_mean", "eval/accuracy_min", "eval/members_solved",
+                "perf/samples_per_s", "hparams/solved_step"):
+        assert tag in scalars, (tag, scalars)
+    solved = [e.value for e in events.Scalars("eval/members_solved")]
+    assert solved[-1] == 3 and solved == sorted(solved)
+    assert events.Scalars("hparams/solved_step")[-1].value == sorted(summary["solved_step"])[1]
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_experiment_preset_runs(tmp_path, preset):
+    run_dir = tmp_path / "run"
+    done = train(tmp_path, f"experiment={preset}", f"run_dir={run_dir}", "trainer.max_steps=20",
+                 "eval.every_n_steps=10", "checkpoint.every_n_steps=10", "eval.size=64")
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["experiment"] == preset and summary["steps"] <= 20

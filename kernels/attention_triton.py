@@ -1,15 +1,18 @@
 """FlashAttention-2-style Triton kernels: forward with online softmax, backward in three passes.
 
-Layout: q, k, v, o, do are (batch, heads, seq, head_dim) with unit stride on head_dim (other
-strides are free); lse and delta are contiguous float32 (batch, heads, seq). Scores are kept in
-base 2: ``qk_scale = scale * log2(e)`` turns ``exp(scale * s)`` into ``exp2(qk_scale * s)``.
-``lse`` is stored in natural units (``log sum_j exp(scale * q.k_j)``) and rescaled on load.
+Layout: q, k, v, o, do are (batch, heads, seq, head_dim) with unit stride on head_dim (copied
+to that if not; other strides are free); lse and delta are contiguous float32 (batch, heads,
+seq). Scores are kept in base 2: ``qk_scale = scale * log2(e)`` turns ``exp(scale * s)`` into
+``exp2(qk_scale * s)``, and the log-sum-exp is stored in base 2 as well:
+``lse2 = log2 sum_j exp(scale * q.k_j)`` (natural lse = lse2 * ln 2), so the backward rebuilds
+P = exp2(qk_scale * s - lse2) with one rounding.
 
 Any seq >= 1: loads are masked on the sequence axis; out-of-range keys get zero probability,
 out-of-range queries load zeros (so they add nothing in the dK/dV pass) and are never stored.
 Causal attention (square, top-left aligned like SDPA's ``is_causal``) uses two loop stages:
 blocks strictly below the diagonal without a mask, then the diagonal blocks with one.
 """
+import contextlib
 import math
 
 import torch
@@ -17,8 +20,6 @@ import triton
 import triton.language as tl
 
 LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
-HEAD_DIMS = (16, 32, 64, 128)
 
 
 @triton.jit
@@ -110,9 +111,8 @@ def _attn_fwd(Q, K, V, O, LSE,
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
                                    n_full, N_CTX, offs_m, offs_n, offs_d, N_CTX, qk_scale,
                                    BLOCK_N, 2, IEEE)
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
     acc = acc / l_i[:, None]
-    tl.store(LSE + off_bh.to(tl.int64) * N_CTX + offs_m, lse, mask=m_valid)
+    tl.store(LSE + off_bh.to(tl.int64) * N_CTX + offs_m, m_i + tl.math.log2(l_i), mask=m_valid)
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_valid[:, None])
 
@@ -141,17 +141,21 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
                     lo, hi, offs_n, offs_d, N_CTX, qk_scale,
                     BLOCK_M: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr):
     # Works on transposed tiles (keys x queries). Out-of-range queries load q = dO = delta = 0,
-    # so they add exactly nothing to dV (dO = 0) or dK (dS = P * (0 - 0) = 0).
+    # so they add exactly nothing to dV (dO = 0) or dK (dS = P * (0 - 0) = 0). Out-of-range keys
+    # (rows of this program past N_CTX) may overflow to inf/NaN, but rows never mix and those
+    # rows are never stored.
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_valid = offs_m < N_CTX
         qT = tl.load(q_base + offs_m[None, :] * stride_qn + offs_d[:, None], mask=m_valid[None, :], other=0.0)
-        lse2 = tl.load(lse_base + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(lse_base + offs_m, mask=m_valid, other=0.0)
         qkT = _dot(k, qT, tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), IEEE)
-        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
         if MASK:
-            pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+            pT = tl.math.exp2(tl.where(offs_m[None, :] >= offs_n[:, None], qkT * qk_scale - lse2[None, :],
+                                       float("-inf")))
+        else:
+            pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
         do = tl.load(do_base + offs_m[:, None] * stride_dn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
         dv = _dot(pT.to(do.dtype), do, dv, IEEE)
         delta = tl.load(delta_base + offs_m, mask=m_valid, other=0.0)
@@ -207,7 +211,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
 def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, hi,
                   offs_m, offs_d, N_CTX, qk_scale,
                   BLOCK_N: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr):
-    # MASK as in _fwd_inner. Masked probabilities are set to 0 before they meet dP.
+    # MASK as in _fwd_inner. Masked scores become -inf before exp2, so P = 0 there (a zero-padded
+    # tail key could otherwise overflow exp2 to inf and turn dS * k = inf * 0 into NaN).
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + tl.arange(0, BLOCK_N)
@@ -220,11 +225,12 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, 
             kT = tl.load(kT_ptrs, mask=cols[None, :] < N_CTX, other=0.0)
             vT = tl.load(vT_ptrs, mask=cols[None, :] < N_CTX, other=0.0)
         qk = _dot(q, kT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        s2 = qk * qk_scale - lse2[:, None]
         if MASK == 1:
-            p = tl.where(offs_m[:, None] >= cols[None, :], p, 0.0)
+            s2 = tl.where(offs_m[:, None] >= cols[None, :], s2, float("-inf"))
         if MASK == 2:
-            p = tl.where((cols < N_CTX)[None, :], p, 0.0)
+            s2 = tl.where((cols < N_CTX)[None, :], s2, float("-inf"))
+        p = tl.math.exp2(s2)
         dp = _dot(do, vT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(kT.dtype), tl.trans(kT), dq, IEEE)
@@ -254,7 +260,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                 mask=m_valid[:, None], other=0.0)
     do = tl.load(DO + off_b * stride_db + off_h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :],
                  mask=m_valid[:, None], other=0.0)
-    lse2 = tl.load(LSE + off_bh.to(tl.int64) * N_CTX + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + off_bh.to(tl.int64) * N_CTX + offs_m, mask=m_valid, other=0.0)
     delta = tl.load(DELTA + off_bh.to(tl.int64) * N_CTX + offs_m, mask=m_valid, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if CAUSAL:
@@ -277,36 +283,45 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
 def _fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward.
 
-    Interpreter: small tiles so tests are fast yet still cross several blocks. GPU, 16-bit: the
-    tutorial/FA2 H100 choice, 128 x 64 tiles; 8 warps at head_dim 128 keep the fp32
-    accumulator (128 x 128) at 64 registers a thread; 3 stages of K/V tiles are 96 KiB of
-    shared memory at head_dim 128. fp32 (a correctness path, not a speed target) halves the
-    tiles so 2 stages of fp32 K/V fit in shared memory on A100/H100.
+    Interpreter: small tiles, so tests are fast yet still cross several blocks. GPU, 16-bit: the
+    tutorial / FA2 choice, 128 x 64 tiles, 3 stages; 8 warps at head_dim 128 (two warpgroups
+    share the 128 x 128 fp32 accumulator). fp32 (a correctness path, no tensor cores unless TF32
+    is allowed) needs smaller tiles. Every GPU choice compiles for sm_90 without register spills
+    (ptxas -v, Triton 3.9) and within A100 shared memory; speed is not yet measured.
     """
     if device.type != "cuda":
         return 32, 16, 4, 1
     if dtype == torch.float32:
-        return 64, 32, 4 if head_dim <= 64 else 8, 2
+        return {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (32, 16, 8, 2)}[head_dim]
     return 128, 64, 4 if head_dim <= 64 else 8, 3
 
 
 def _bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device):
     """(BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages) for the backward.
 
-    The dK/dV pass keeps a 128-key block (k, v, dk, dv) resident and streams 32-query tiles;
-    the dQ pass keeps 128 queries (q, dO, dq) and streams 32-key tiles (the tutorial's split).
-    head_dim 128 doubles the resident state, so 8 warps to keep it in registers.
+    The dK/dV pass keeps a block of BLOCK_N1 keys (k, v, dk, dv) resident and streams BLOCK_M1
+    queries; the dQ pass keeps BLOCK_M2 queries (q, dO, dq) and streams BLOCK_N2 keys (the
+    tutorial's 32/128/128/32 split). 8 warps from head_dim 64 on keep the resident state in
+    registers (4 warps spill in the causal dK/dV pass on sm_90). Before Hopper (no wgmma, so
+    MMA operands live in registers) head_dim 128 halves the resident blocks, or dK/dV spills.
     """
     if device.type != "cuda":
         return 16, 32, 32, 16, 4, 1
-    warps = 4 if head_dim <= 64 else 8
+    warps = 4 if head_dim <= 32 else 8
     if dtype == torch.float32:
-        return 16, 64, 64, 16, warps, 2
+        return 16, 32 if head_dim == 128 else 64, 64, 16, warps, 2
+    if head_dim == 128 and torch.cuda.get_device_capability(device)[0] < 9:
+        return 32, 64, 64, 32, warps, 3
     return 32, 128, 128, 32, warps, 3 if head_dim == 128 else 4
 
 
 def _ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+def _unit_stride(*ts):
+    """The kernels take any batch/head/seq strides but need unit stride on head_dim."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in ts)
 
 
 def _bhn_strides(t: torch.Tensor):
@@ -315,19 +330,12 @@ def _bhn_strides(t: torch.Tensor):
 
 
 def _on_device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def flash_attn_forward(q, k, v, causal: bool, scale: float):
-    """Returns (o, lse): o like q (contiguous), lse float32 (batch, heads, seq) in natural log."""
+    """Returns (o, lse2): o contiguous, shaped like q; lse2 float32 (batch, heads, seq), base 2."""
+    q, k, v = _unit_stride(q, k, v)
     B, H, N, D = q.shape
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
@@ -342,9 +350,8 @@ def flash_attn_forward(q, k, v, causal: bool, scale: float):
 
 
 def flash_attn_backward(do, q, k, v, o, lse, causal: bool, scale: float):
-    """Returns (dq, dk, dv), contiguous, given dO (any strides) and the forward's o and lse."""
-    if do.stride(-1) != 1:  # e.g. the stride-0 gradient of out.sum(); kernels want unit stride on head_dim
-        do = do.contiguous()
+    """Returns (dq, dk, dv), contiguous, given dO (any strides) and the forward's o and lse2."""
+    do, q, k, v = _unit_stride(do, q, k, v)  # e.g. the stride-0 gradient of out.sum()
     B, H, N, D = q.shape
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(q.shape, dtype=q.dtype, device=q.device)

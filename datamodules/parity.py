@@ -48,8 +48,8 @@ class TicketStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Ticket]:
         step = self.start_step()
-        while step < self.max_steps:
-            steps = min(self.steps_per_batch, self.max_steps - step)
+        while step < self.max_steps:  # a start off the grid (resumed from an end-of-run checkpoint) rejoins it
+            steps = min(self.steps_per_batch - step % self.steps_per_batch, self.max_steps - step)
             yield Ticket(step, steps, self.rank, self.world_size)
             step += steps
 

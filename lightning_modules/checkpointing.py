@@ -1,0 +1,187 @@
+"""Checkpoints a kill cannot corrupt, and resuming from them exactly.
+
+* ``AtomicCheckpointIO`` writes a checkpoint to a temporary file beside the target, fsyncs it and
+  renames it over the target: a kill at any moment leaves the old file or the new one, never a torn one.
+* ``resume_path`` turns ``resume=PATH|auto`` into a file; ``load_for_resume`` refuses, with one line, a
+  missing or unreadable checkpoint or one of another problem (experiment, n, k, seed, secret) or shape.
+* ``ResumeState`` stores that identity and the RNG states in every checkpoint and puts the RNG back.
+* ``KillAtStep`` (``trainer.fail_at_step``) SIGKILLs the process: a fault drill for the resume tests.
+"""
+import logging
+import os
+import random
+import secrets
+import signal
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from config import Config, ConfigError
+
+IDENTITY_KEY = "paritylab"  # checkpoint entry: what problem the weights were trained on
+RNG_KEY = "paritylab_rng"
+LOGGED_STEP_KEY = "paritylab_logged_step"
+IDENTITY_FIELDS = ("experiment", "n", "k", "seed", "secret")
+REQUEUE_SNAPSHOT = "hpc_ckpt_"  # Lightning's name for what its SLURM signal handler saves
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save to a temp file in the target's directory, fsync, os.replace, fsync the directory.
+
+    (Lightning's own writer goes through a temp file in /tmp and a move, which across file systems is
+    a copy a kill can interrupt.) Lightning's SLURM requeue handler saves hpc_ckpt_N.ckpt from inside
+    the signal handler, mid training step, and on restart would resume from it unasked, off the batch
+    grid that evaluation and checkpoints follow. That snapshot is not written: a requeued job resumes
+    from last.ckpt (resume=auto).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        path = Path(path)
+        if path.name.startswith(REQUEUE_SNAPSHOT):
+            log.info(f"not writing {path}: a requeued job resumes from last.ckpt")
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        try:
+            with open(temp, "xb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # make the rename itself durable
+        finally:
+            os.close(directory)
+
+
+def run_identity(cfg: Config, secret: Optional[list[int]]) -> dict:
+    """What a checkpoint must match to be resumed: the problem, not the hyperparameters."""
+    return {"experiment": cfg.experiment, "n": cfg.data.n, "k": cfg.data.k, "seed": cfg.seed,
+            "secret": list(secret) if secret is not None else None}
+
+
+def resume_path(resume: Optional[str], run_dir: Optional[Path]) -> Optional[Path]:
+    """The checkpoint to resume (None: start fresh): resume=PATH, or for resume=auto run_dir's last.ckpt."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        return Path(resume)
+    if run_dir is None:
+        raise ConfigError("resume: 'auto' needs run_dir=... (or a SLURM / torchrun --rdzv-id job id) "
+                          "to know which run to continue")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return last if last.exists() else None
+
+
+def load_for_resume(path: Path, identity: dict, model: torch.nn.Module, force: bool = False) -> dict:
+    """The checkpoint at ``path`` if it can continue this run; else ConfigError (one line).
+
+    ``force`` (resume_force=true) accepts a different experiment, n, k, seed or secret; never a
+    checkpoint whose tensors do not fit the model.
+    """
+    if not path.is_file():
+        raise ConfigError(f"resume: {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # as Lightning will
+    except Exception as err:  # torch raises many kinds on a torn or foreign file
+        raise ConfigError(f"resume: {path} is not a readable checkpoint "
+                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    if not isinstance(checkpoint, dict) or not {"state_dict", "global_step", IDENTITY_KEY} <= checkpoint.keys():
+        raise ConfigError(f"resume: {path} is not a paritylab checkpoint (no state_dict, global_step or identity)")
+    stored = checkpoint[IDENTITY_KEY]
+    differ = [f"{key} {stored.get(key)!r} vs {identity[key]!r}" for key in IDENTITY_FIELDS
+              if stored.get(key) != identity[key]]
+    if differ and not force:
+        raise ConfigError(f"resume: {path} was trained on another problem (checkpoint vs config: {'; '.join(differ)});"
+                          " resume_force=true continues anyway")
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in checkpoint["state_dict"].items()}
+    if found != expected:
+        bad = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
+        raise ConfigError(f"resume: {path} does not fit the model ({bad[0]}: checkpoint {found.get(bad[0])}, "
+                          f"model {expected.get(bad[0])}{f', and {len(bad) - 1} more' if len(bad) > 1 else ''})")
+    return checkpoint
+
+
+def logged_step(trainer: L.Trainer) -> int:
+    """The TensorBoard step the current batch's metrics go to (Lightning's rule: a logged "step"
+    metric, else its count of finished batches)."""
+    step = trainer.callback_metrics.get("step")
+    return int(step) if step is not None else trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def tensorboard_resume_step(checkpoint: dict) -> Optional[int]:
+    """The step from which TensorBoard must forget a killed run's events when resuming ``checkpoint``.
+
+    The checkpointed batch's metrics are written just after the save (which happens in
+    on_train_batch_end); everything past them was logged by the run after its checkpoint.
+    """
+    step = checkpoint.get(LOGGED_STEP_KEY)
+    return None if step is None else step + 1
+
+
+def rng_states() -> dict:
+    """The global RNG states, in types a weights-only torch.load accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                        has_gauss, gauss), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class ResumeState(L.Callback):
+    """Writes the run identity, RNG states and TensorBoard step into checkpoints; restores the RNG.
+
+    The RNG is put back just before the first batch, the point where the saving run stood (loading and
+    building the dataloader draw from it). Only rank 0 writes, so every rank restores rank 0's states:
+    exact wherever ranks draw alike, as they do here.
+    """
+
+    def __init__(self, identity: dict):
+        self.identity = identity
+        self._pending: Optional[dict] = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[IDENTITY_KEY] = self.identity
+        checkpoint[RNG_KEY] = rng_states()
+        checkpoint[LOGGED_STEP_KEY] = logged_step(trainer)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._pending = checkpoint.get(RNG_KEY)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._pending is not None:
+            set_rng_states(self._pending)
+            self._pending = None
+
+
+class KillAtStep(L.Callback):
+    """SIGKILL this process at the first batch end at or past ``step`` (no cleanup, like a lost node)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

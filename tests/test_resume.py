@@ -1,0 +1,275 @@
+"""Exact resume: kill -9 and continue to the same bits and the same TensorBoard curves; atomic
+checkpoint writes; bad checkpoints refused before training."""
+import contextlib
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from config import ConfigError, compose
+from datamodules.parity import TicketStream, secret_for
+from lightning_modules.checkpointing import (IDENTITY_KEY, LOGGED_STEP_KEY, AtomicCheckpointIO, ResumeState,
+                                             load_for_resume, resume_path, run_identity)
+from lightning_modules.parity_mlp import ParityMLP
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 300
+# Batches of 50 SGD steps (the largest that divides the eval and checkpoint periods); checkpoints at 200
+# and 400. The kill at 350 comes after the step-300 metrics reached TensorBoard: the resumed run must hide
+# them and log them again. Momentum gives the optimizer a state to restore.
+RUN = ["trainer.accelerator=cpu", "trainer.progress_bar=false", "trainer.max_steps=400", "eval.every_n_steps=50",
+       "checkpoint.every_n_steps=200", "optim.momentum=0.9", "eval.size=512"]
+
+
+def clean_env() -> dict:
+    """This environment without launcher variables (the tests may themselves run under SLURM or torchrun)."""
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "TORCHELASTIC_", "PARITYLAB_")) and k not in launcher}
+
+
+def start(cmd: list[str], cwd: Path, env: Optional[dict] = None) -> subprocess.Popen:
+    """A process in a session of its own, so that a timeout can end it with every process it started."""
+    return subprocess.Popen(cmd, cwd=cwd, env=env or clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def finish(*procs: subprocess.Popen) -> list[subprocess.CompletedProcess]:
+    """Wait for each process; past TIMEOUT, kill their sessions (Lightning and torchrun start children)."""
+    try:
+        outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    except BaseException:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+        raise
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+def train(cwd: Path, *args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    return finish(start([sys.executable, str(ROOT / "train.py"), *args], cwd, env))[0]
+
+
+def checkpoint(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every TensorBoard scalar as TensorBoard shows it (events a restart orphaned are purged)."""
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    done = train(tmp, f"run_dir={tmp / 'run'}", *RUN)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return tmp / "run"
+
+
+def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    killed = train(tmp_path, f"run_dir={run_dir}", *RUN, "trainer.fail_at_step=350")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert checkpoint(run_dir)["global_step"] == 200
+    assert max(step for step, _ in scalars(run_dir)["train/loss"]) == 300  # logged past the checkpoint
+
+    resumed = train(tmp_path, f"run_dir={run_dir}", *RUN, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    mine, reference = checkpoint(run_dir), checkpoint(uninterrupted)
+    assert mine["global_step"] == reference["global_step"] == 400
+    for name, tensor in reference["state_dict"].items():
+        assert torch.equal(mine["state_dict"][name], tensor), name  # bitwise
+    for state, ref_state in zip(mine["optimizer_states"][0]["state"].values(),
+                                reference["optimizer_states"][0]["state"].values()):
+        assert torch.equal(state["momentum_buffer"], ref_state["momentum_buffer"])
+
+    curves, reference_curves = scalars(run_dir), scalars(uninterrupted)
+    assert curves.keys() == reference_curves.keys()
+    for tag, points in curves.items():
+        steps = [step for step, _ in points]
+        assert len(steps) == len(set(steps)), (tag, steps)  # each step once
+        if tag.startswith("perf/"):  # a rate needs two timestamps: a restarted process has none at its first batch
+            assert set(steps) <= {step for step, _ in reference_curves[tag]}, (tag, steps)
+            continue
+        same = all(s == rs and (v == rv or math.isnan(v) and math.isnan(rv))
+                   for (s, v), (rs, rv) in zip(points, reference_curves[tag]))
+        assert same and len(points) == len(reference_curves[tag]), (tag, points, reference_curves[tag])
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path):
+    """The process dies (SIGKILL) with half of the new checkpoint written: last.ckpt is the old one, whole."""
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    script = f"""
+import os, signal, sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+from lightning_modules.checkpointing import AtomicCheckpointIO
+io, save = AtomicCheckpointIO(), torch.save
+io.save_checkpoint({{"global_step": 200, "w": torch.arange(1000.)}}, {str(path)!r})
+def dying_save(obj, file):
+    save(obj, file)
+    file.truncate(file.tell() // 2)
+    file.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = dying_save
+io.save_checkpoint({{"global_step": 400, "w": torch.zeros(1000)}}, {str(path)!r})
+"""
+    done = finish(start([sys.executable, "-c", script], tmp_path))[0]
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    survivor = torch.load(path, weights_only=True)
+    assert survivor["global_step"] == 200 and torch.equal(survivor["w"], torch.arange(1000.))
+    leftovers = [p.name for p in path.parent.iterdir() if p != path]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".last.ckpt.")  # the torn temp file, never read
+
+
+SLURM_JOB = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "paritylab",
+             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+# stands in for SLURM's scontrol: records the requeue, then ends the job as SLURM does
+SCONTROL = '#!/bin/sh\necho "$@" >> "$(dirname "$0")/requeued"\nkill -9 $PPID\n'
+
+
+def test_slurm_requeue_signal_then_restart_continues_from_last_checkpoint(tmp_path):
+    """scripts/slurm.sbatch's cycle: SIGUSR1 before the time limit, Lightning requeues the job, the job's
+    next start (same command, resume=auto, run_dir from the job id) continues from last.ckpt."""
+    bin_dir, run_dir = tmp_path / "bin", tmp_path / "runs" / "parity_mlp" / "slurm-4242"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(SCONTROL)
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**clean_env(), **SLURM_JOB, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    command = [sys.executable, str(ROOT / "train.py"), "trainer.accelerator=cpu", "trainer.progress_bar=false",
+               "eval.every_n_steps=100", "checkpoint.every_n_steps=100", "eval.size=256", "resume=auto"]
+    job = start([*command, "trainer.max_steps=1000000000"], tmp_path, env)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (run_dir / "checkpoints" / "last.ckpt").exists():
+            assert job.poll() is None and time.monotonic() < deadline, "the job ended or never checkpointed"
+            time.sleep(0.05)
+        job.send_signal(signal.SIGUSR1)
+    except BaseException:
+        os.killpg(job.pid, signal.SIGKILL)
+        raise
+    done = finish(job)[0]
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert (bin_dir / "requeued").read_text() == "requeue 4242\n"
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["last.ckpt"]  # no mid-step snapshot
+    step = checkpoint(run_dir)["global_step"]
+    assert step > 0 and step % 100 == 0
+
+    restart = finish(start([*command, f"trainer.max_steps={step + 200}"], tmp_path, env))[0]
+    assert restart.returncode == 0, restart.stderr[-2000:]
+    assert checkpoint(run_dir)["global_step"] == step + 200
+    assert [s for s, _ in scalars(run_dir)["train/loss"]] == list(range(100, step + 201, 100))
+
+
+# --- refusing what cannot continue this run ------------------------------------------------------------
+def test_train_refuses_a_corrupt_checkpoint_with_one_line(tmp_path, uninterrupted):
+    torn = tmp_path / "torn.ckpt"
+    data = (uninterrupted / "checkpoints" / "last.ckpt").read_bytes()
+    torn.write_bytes(data[:len(data) // 2])
+    done = train(tmp_path, f"run_dir={tmp_path / 'run'}", *RUN, f"resume={torn}")
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: resume: {torn} is not a readable checkpoint"), lines
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_rank_refuses_a_checkpoint_of_another_seed(tmp_path, uninterrupted):
+    """Two torchrun "nodes" (one rank each) check the checkpoint each on its own, before any training."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [str(ROOT / "train.py"), f"run_dir={tmp_path / 'run'}", *RUN, "trainer.num_nodes=2", "trainer.strategy=ddp",
+            f"resume={uninterrupted / 'checkpoints' / 'last.ckpt'}", "seed=1"]
+    nodes = [start([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                    f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}", *args], tmp_path)
+             for rank in range(2)]
+    for done in finish(*nodes):
+        output = done.stdout + done.stderr
+        assert "was trained on another problem (checkpoint vs config: seed 0 vs 1; secret" in output, output[-2000:]
+        assert "exitcode  : 2" in output, output[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def saved(tmp_path) -> tuple[Path, object, ParityMLP]:
+    """A checkpoint of a (n=20, k=3, seed 0) ParityMLP, written the way training writes it."""
+    cfg = compose(["data.n=20"])
+    model = ParityMLP(cfg)
+    identity = run_identity(cfg, secret_for(0, 20, 3))
+    path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": model.state_dict(), "global_step": 200,
+                                          IDENTITY_KEY: identity}, path)
+    return path, cfg, model
+
+
+@pytest.mark.parametrize("change,field", [("seed=3", "seed"), ("data.k=4", "k"), ("data.secret=[0,1,2]", "secret"),
+                                          ("experiment=parity_mlp_ensemble", "experiment")])
+def test_a_checkpoint_of_another_problem_is_refused_unless_forced(saved, change, field):
+    path, _, model = saved
+    cfg = compose(["data.n=20", change])
+    identity = run_identity(cfg, cfg.data.secret or secret_for(cfg.seed, 20, cfg.data.k))
+    with pytest.raises(ConfigError, match=rf"^resume: .*another problem .*{field} "):
+        load_for_resume(path, identity, model)
+    assert load_for_resume(path, identity, model, force=True)["global_step"] == 200
+
+
+def test_missing_foreign_and_misshapen_checkpoints_are_refused(saved, tmp_path):
+    path, cfg, model = saved
+    identity = run_identity(cfg, secret_for(0, 20, 3))
+    assert load_for_resume(path, identity, model)["global_step"] == 200
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_for_resume(tmp_path / "nope.ckpt", identity, model)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": model.state_dict(), "global_step": 1}, foreign)
+    with pytest.raises(ConfigError, match="is not a paritylab checkpoint"):
+        load_for_resume(foreign, identity, model)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x00" * 100)
+    with pytest.raises(ConfigError, match="is not a readable checkpoint"):
+        load_for_resume(garbage, identity, model)
+    wider = ParityMLP(compose(["data.n=20", "model.width=50"]))
+    with pytest.raises(ConfigError, match=r"does not fit the model \(b1: checkpoint \(1, 100\), model \(1, 50\)"):
+        load_for_resume(path, identity, wider, force=True)
+
+
+def test_resume_auto_takes_the_run_dirs_last_checkpoint(saved, tmp_path):
+    path, _, _ = saved
+    run_dir = path.parent.parent
+    assert resume_path("auto", run_dir) == path
+    assert resume_path("auto", tmp_path / "fresh") is None  # nothing to continue: start
+    assert resume_path("some/file.ckpt", None) == Path("some/file.ckpt")
+    with pytest.raises(ConfigError, match="resume: 'auto' needs run_dir"):
+        resume_path("auto", None)
+
+
+def test_rng_states_come_back_before_the_first_resumed_batch():
+    state, checkpoint = ResumeState({}), {}
+    trainer = SimpleNamespace(callback_metrics={"step": torch.tensor(200.0)})  # all on_save_checkpoint reads
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    state.on_save_checkpoint(trainer, None, checkpoint)
+    assert checkpoint[LOGGED_STEP_KEY] == 200
+    expected = torch.rand(3), np.random.rand(3), random.random()
+    state.on_load_checkpoint(None, None, checkpoint)
+    torch.rand(5)  # drawn by loading and building the dataloader
+    state.on_train_batch_start(None, None, None, 0)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+
+
+def test_a_stream_resumed_off_the_batch_grid_rejoins_it():
+    """Extending a finished 1050-step run: batches end on multiples of 100 again, where eval and checkpoints are."""
+    stream = TicketStream(lambda: 1050, steps_per_batch=100, max_steps=1320, rank=0, world_size=1)
+    assert [(t.step, t.steps) for t in stream] == [(1050, 50), (1100, 100), (1200, 100), (1300, 20)]

@@ -1,11 +1,14 @@
 """Training throughput: train.py's Lightning step against a plain PyTorch loop, side by side.
 
     python -m benchmarks.train_throughput [--steps 20000] [--ensemble 1] [--repeats 3] [--json PATH]
+                                          [--breakdown]
 
 The Lightning side is train.py itself (a subprocess; its summary.json gives steps and training wall
 time, data generation included). The plain side is the textbook loop doing the identical update —
 nn.Linear MLP, hinge loss, torch.optim.SGD — with all its data generated before the clock starts,
 so it pays for nothing but the update. Rates are member-steps/s: an ensemble of E counts E per step.
+``--breakdown`` adds, in this process, where an ensemble step's time goes: data generation, the fused
+plain-SGD step train.py runs, and the same step as hand-written gradients + torch.optim.SGD.
 """
 import argparse
 import json
@@ -33,7 +36,8 @@ def lightning_rate(steps: int, ensemble: int, threads: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "train.py", f"run_dir={tmp}/run", "trainer.accelerator=cpu",
                f"trainer.max_steps={steps}", f"eval.every_n_steps={steps}", f"checkpoint.every_n_steps={steps}",
-               f"model.ensemble={ensemble}", f"trainer.cpu_threads={threads}", "trainer.progress_bar=false"]
+               f"model.ensemble={ensemble}", f"trainer.cpu_threads={threads}", "trainer.progress_bar=false",
+               "eval.hidden_progress=false"]
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
         summary = json.loads(Path(tmp, "run", "summary.json").read_text())
     return summary["samples_per_s"] / BATCH  # samples = steps x batch x members
@@ -55,6 +59,42 @@ def plain_rate(steps: int, n: int = 50, width: int = 100, batch: int = BATCH, lr
     return steps / (time.perf_counter() - start)
 
 
+def breakdown(ensemble: int, steps: int = 100, repeats: int = 5) -> dict[str, float]:
+    """Member-steps/s of each part of an ensemble step (best of ``repeats`` runs of ``steps`` steps)."""
+    from types import SimpleNamespace
+
+    from config import compose
+    from datamodules.parity import ParityDataModule, Ticket
+    from lightning_modules.parity_mlp import ParityMLP
+
+    cfg = compose(["experiment=parity_mlp", f"model.ensemble={ensemble}"])
+    data, model, cpu = ParityDataModule(cfg), ParityMLP(cfg), torch.device("cpu")
+    ticket = Ticket(0, steps, 0, 1)
+    batch = data.generate(ticket, cpu)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, foreach=True)
+    wrapped = SimpleNamespace(optimizer=opt, _on_before_step=lambda: None, _on_after_step=lambda: None)
+    params = [model.w1, model.b1, model.w2, model.b2]
+
+    def optimizer_steps() -> None:
+        for j in range(steps):
+            for p, grad in zip(params, model.loss_and_grads(batch.x[:, j], batch.y[:, j])[1]):
+                p.grad = grad
+            opt.step()
+
+    parts = {"data generation": lambda: data.generate(ticket, cpu),
+             "fused SGD step (train.py)": lambda: model.plain_sgd_steps(batch.x, batch.y, wrapped),
+             "gradients + torch.optim.SGD": optimizer_steps}
+    rates = {}
+    for name, part in parts.items():
+        times = []
+        for _ in range(repeats + 1):  # the first run warms up
+            start = time.perf_counter()
+            part()
+            times.append(time.perf_counter() - start)
+        rates[name] = steps * ensemble / min(times[1:])
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20000)
@@ -62,8 +102,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, the same on both sides")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--breakdown", action="store_true", help="also time the parts of an ensemble step")
     args = parser.parse_args()
-    lightning_steps = max(100, args.steps // args.ensemble // 100 * 100)  # similar wall time per side
+    # similar wall time per side; an ensemble runs >= 2000 steps, so the final evaluation stays negligible
+    lightning_steps = max(100 if args.ensemble == 1 else 2000, args.steps // args.ensemble // 100 * 100)
     torch.set_num_threads(args.threads)
     ours, plain = [], []
     for _ in range(args.repeats):  # interleaved, so drifting machine load hits both sides alike
@@ -80,6 +122,11 @@ def main() -> None:
     print(f"  plain PyTorch loop          {result['plain_steps_per_s']:10.0f} steps/s")
     print(f"  train.py (E={args.ensemble:<3d})            {result['train_py_member_steps_per_s']:10.0f} member-steps/s")
     print(f"  ratio                       {result['ratio']:10.2f}x")
+    if args.breakdown:
+        result["breakdown_member_steps_per_s"] = breakdown(args.ensemble)
+        print(f"  parts of an E={args.ensemble} step, in process (best of 5):")
+        for name, rate in result["breakdown_member_steps_per_s"].items():
+            print(f"    {name:30s}{rate:10.0f} member-steps/s ({rate / result['plain_steps_per_s']:.1f}x)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from config import Config
+from lightning_modules.hidden_progress import HiddenProgress
 
 
 def member_generator(seed: int, member: int) -> torch.Generator:
@@ -68,6 +69,7 @@ class ParityMLP(L.LightningModule):
         self.register_buffer("w1_init", w1.clone())
         self.register_buffer("solved_step", torch.full((len(self.members),), -1, dtype=torch.long))
         self.register_buffer("accuracy", torch.zeros(len(self.members)))
+        self.hidden_progress = HiddenProgress(cfg.data.n, cfg.data.k)
 
     # --- model -------------------------------------------------------------------------------
     def activation(self, z: torch.Tensor) -> torch.Tensor:
@@ -88,62 +90,112 @@ class ParityMLP(L.LightningModule):
         _, h = self.hidden(x)
         return torch.baddbmm(self.b2.view(-1, 1, 1), h, self.w2.unsqueeze(-1)).squeeze(-1)
 
+    def outputs(self, x: torch.Tensor, chunk_elements: int = 2**19) -> torch.Tensor:
+        """forward() over many samples x (E, N, n), in chunks whose hidden activations stay in cache."""
+        rows = max(1, chunk_elements // (x.shape[0] * self.w1.shape[1]))
+        return torch.cat([self(part) for part in x.split(rows, dim=1)], dim=1)
+
     def losses(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-member mean loss (E,) of outputs f against labels y in {+1, -1}."""
-        loss = self.cfg.model.loss
-        if loss == "hinge":
-            return (1 - y * f).relu().mean(1)
-        if loss == "square":
-            return (f - y).square().mean(1)
-        return nn.functional.softplus(-y * f).mean(1)
+        return self.losses_and_grad(f, y)[0]
 
-    def loss_grad(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """d(sum of per-member mean losses)/df."""
+    def losses_and_grad(self, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-member mean losses (E,) and d(their sum)/df (E, B)."""
         loss, batch = self.cfg.model.loss, f.shape[1]
         if loss == "hinge":
-            return -y * (y * f < 1).to(f.dtype) / batch
+            slack = 1 - y * f
+            return slack.relu().mean(1), y * (slack > 0) * (-1 / batch)
         if loss == "square":
-            return 2 * (f - y) / batch
-        return -y * torch.sigmoid(-y * f) / batch
+            err = f - y
+            return err.square().mean(1), err * (2 / batch)
+        return nn.functional.softplus(-y * f).mean(1), y * torch.sigmoid(-y * f) * (-1 / batch)
 
+    @torch.no_grad()
     def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Per-member losses and the gradients of their sum w.r.t. (w1, b1, w2, b2)."""
         z, h = self.hidden(x)
         f = torch.baddbmm(self.b2.view(-1, 1, 1), h, self.w2.unsqueeze(-1)).squeeze(-1)
-        g = self.loss_grad(f, y)  # (E, B)
-        dz = g.unsqueeze(-1) * self.w2.unsqueeze(1) * self.activation_grad(z)  # (E, B, width)
+        loss, g = self.losses_and_grad(f, y)  # g: (E, B)
+        dz = self.activation_grad(z).mul_(g.unsqueeze(-1)).mul_(self.w2.unsqueeze(1))  # (E, B, width)
         grads = [torch.bmm(dz.transpose(1, 2), x), dz.sum(1),
                  torch.bmm(g.unsqueeze(1), h).squeeze(1), g.sum(1)]
-        return self.losses(f, y), grads
+        return loss, grads
 
     # --- training ----------------------------------------------------------------------------
+    def first_layer(self) -> torch.Tensor:
+        """[w1^T; b1], (E, n + 1, width): one tensor of which the parameters w1 and b1 are views (set up on
+        first use and again after a device move), so one batched matmul with inputs [x, 1] serves both."""
+        n = self.w1.shape[2]
+        first = getattr(self, "_first", None)
+        if first is None or self.w1.data_ptr() != first.data_ptr() or self.b1.data_ptr() != first[:, n].data_ptr():
+            first = torch.cat([self.w1.detach().transpose(1, 2), self.b1.detach().unsqueeze(1)], dim=1)
+            self.w1.data, self.b1.data = first[:, :n].transpose(1, 2), first[:, n]
+            self._first = first
+        return first
+
+    @torch.no_grad()
+    def plain_sgd_steps(self, xs: torch.Tensor, ys: torch.Tensor, opt) -> torch.Tensor:
+        """SGD without momentum or weight decay over xs (E, steps, B, n): torch.optim.SGD's update
+        p <- p - lr * grad, each applied by the batched matmul that computes grad. Returns losses (steps, E)."""
+        members, steps, batch, n = xs.shape
+        first, lr = self.first_layer(), opt.optimizer.param_groups[0]["lr"]
+        x = xs.new_ones(members, batch, n + 1)  # [x, 1]: its product with first adds b1
+        z = xs.new_empty(members, batch, first.shape[2])
+        f = xs.new_empty(members, batch, 1)
+        w2, relu = self.w2.detach().unsqueeze(1), self.cfg.model.activation == "relu"
+        losses = xs.new_empty(steps, members)
+        for j in range(steps):  # buffers are reused: no allocation of batch x width tensors per step
+            x[..., :n] = xs[:, j]
+            torch.bmm(x, first, out=z)
+            h = z.clamp_min_(0) if relu else self.activation(z)
+            torch.baddbmm(self.b2.view(-1, 1, 1), h, w2.transpose(1, 2), out=f)
+            losses[j], g = self.losses_and_grad(f.squeeze(-1), ys[:, j])
+            dz = g.unsqueeze(-1) * w2  # (E, B, width)
+            if relu:
+                torch.ops.aten.threshold_backward.grad_input(dz, h, 0, grad_input=dz)  # dz * (z > 0)
+            else:
+                dz.mul_(self.activation_grad(z))
+            opt._on_before_step()  # Lightning counts the step
+            w2.baddbmm_(g.unsqueeze(1), h, alpha=-lr)
+            self.b2.sub_(g.sum(1), alpha=lr)
+            first.baddbmm_(x.transpose(1, 2), dz, alpha=-lr)
+            opt._on_after_step()
+        return losses
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
         if o.name in ("adam", "adamw"):
             adam = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-            return adam(self.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        return torch.optim.SGD(self.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+            return adam(self.parameters(), lr=o.lr, weight_decay=o.weight_decay, foreach=True)
+        return torch.optim.SGD(self.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                               foreach=True)
 
     def training_step(self, batch, batch_idx: int) -> None:
         """Run the batch's SGD steps: batch.x is (E, steps, local batch, n)."""
         opt = self.optimizers()
         params = [self.w1, self.b1, self.w2, self.b2]
         distributed = self.trainer.world_size > 1
-        losses = []
-        for j in range(batch.x.shape[1]):
+        o = self.cfg.optim
+        plain_sgd = o.name == "sgd" and o.momentum == 0 and o.weight_decay == 0 and not distributed
+        losses = [self.plain_sgd_steps(batch.x, batch.y, opt)] if plain_sgd else []
+        for j in range(0 if plain_sgd else batch.x.shape[1]):  # momentum, weight decay, Adam, DDP
             x, y = batch.x[:, j], batch.y[:, j]
             if distributed:  # DDP averages autograd gradients across ranks
                 loss = self.losses(self(x), y)
                 opt.zero_grad(set_to_none=True)
                 self.manual_backward(loss.sum())
+                opt.step()
             else:
                 loss, grads = self.loss_and_grads(x, y)
                 for p, grad in zip(params, grads):
                     p.grad = grad
-            opt.step()
-            losses.append(loss.detach())
+                opt._on_before_step()  # Lightning counts the step; its per-step hook dispatch is skipped
+                opt.optimizer.step()
+                opt._on_after_step()
+            losses.append(loss.detach().unsqueeze(0))
         step = self.trainer.global_step
-        self.log("train/loss", torch.stack(losses).mean(), prog_bar=True, on_step=True, sync_dist=False)
+        self.log("train/loss", torch.cat(losses).mean(), prog_bar=True, on_step=True, sync_dist=False)
+        self.log("step", float(step), on_step=True, sync_dist=False)  # x-axis of every logged scalar: SGD steps
         if step % self.cfg.eval.every_n_steps == 0 or step >= self.cfg.trainer.max_steps:
             self.evaluate(step)
 
@@ -151,12 +203,19 @@ class ParityMLP(L.LightningModule):
     def evaluate(self, step: int) -> None:
         """Accuracy of every member on its held-out stream; record first 100% as solved_step."""
         x, y = self.trainer.datamodule.eval_set(self.device)
-        self.accuracy = (self(x) * y > 0).float().mean(1)
+        self.accuracy = (self.outputs(x) * y > 0).float().mean(1)
         newly = (self.accuracy == 1.0) & (self.solved_step < 0)
         self.solved_step[newly] = step
         solved = int((self.solved_step >= 0).sum())
+        secret, hidden = self.trainer.datamodule.secret, {}
+        if self.cfg.eval.hidden_progress:
+            hidden = self.hidden_progress.measure(self.outputs, self.w1, self.w1_init, x[0], secret, step)
         self.log_dict({"eval/accuracy_mean": self.accuracy.mean(), "eval/accuracy_min": self.accuracy.min(),
-                       "eval/members_solved": float(solved)}, on_step=True, prog_bar=False)
+                       "eval/members_solved": float(solved), **hidden}, on_step=True, prog_bar=False)
+        experiment = getattr(self.logger, "experiment", None)
+        if hidden and self.trainer.is_global_zero and hasattr(experiment, "add_image"):
+            for member, image in zip(self.members, self.hidden_progress.images(secret)):
+                experiment.add_image(f"hidden/column_norms/member_{member}", image, step, dataformats="HWC")
         if solved == len(self.members):
             self.trainer.should_stop = True
 

@@ -1,0 +1,367 @@
+"""Run a grid of train.py runs and fit how the solve time scales: median solved_step ~ n^(alpha k).
+
+    python sweep.py experiment=parity_mlp --grid data.n=20,30,40 --grid data.k=2,3 model.ensemble=16 --out DIR
+                    [--with trainer.max_steps=2000,20000] [--jobs J] [--slurm]
+
+``--with key=v1,v2,...`` moves a key along with the --grid axis before it (one value per value of that
+axis: e.g. a step budget and an evaluation interval per k). Every cell of the grid is one train.py run
+(its ensemble members are the seeds) in DIR/runs/<cell>;
+finished cells (summary.json written under the same config) are reused, so a sweep can be resumed
+or collected after a SLURM array job. Writes DIR/results.csv (one row per member), DIR/results.json
+(per cell: success probability and median solved_step; per k: the log-log exponent of the median
+against n with a bootstrap 95% interval, alpha = exponent / k) and DIR/scaling.png.
+
+Unsolved members are censored at the budget (trainer.max_steps): they count as +inf in medians,
+so a cell whose median is censored is reported and left out of the fit, never silently dropped.
+"""
+import argparse
+import csv
+import itertools
+import json
+import math
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from config import Config, ConfigError, compose, to_yaml
+
+ROOT = Path(__file__).resolve().parent
+BOOTSTRAP = 2000
+
+
+class SweepError(ValueError):
+    """Bad sweep input: one line."""
+
+
+@dataclass
+class Cell:
+    name: str
+    values: dict[str, str]  # grid key -> value
+    args: list[str]  # train.py arguments
+    cfg: Config
+    run_dir: Path
+
+    @property
+    def done(self) -> bool:
+        config, summary = self.run_dir / "config.yaml", self.run_dir / "summary.json"
+        return summary.is_file() and config.is_file() and config.read_text() == to_yaml(self.cfg)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        raise SweepError(message)
+
+
+class Axis(argparse.Action):
+    """--grid and --with, kept in command-line order (a --with belongs to the --grid before it)."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        namespace.axes = [*namespace.axes, (option_string, value)]
+
+
+def split_axis(option: str, axis: str) -> tuple[str, list[str]]:
+    key, sep, values = axis.partition("=")
+    items = values.split(",")
+    if not sep or not key or not all(items):
+        raise SweepError(f"{option} {axis!r}: expected key=v1,v2,...")
+    return key, items
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, list[str]], dict[str, tuple[str, list[str]]]]:
+    """The arguments, the grid (key -> values) and the linked keys (key -> (grid key, values))."""
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="train.py arguments shared by every cell")
+    parser.add_argument("--grid", action=Axis, dest="axes", default=[], help="key=v1,v2,...: one axis of the grid")
+    parser.add_argument("--with", action=Axis, dest="axes", default=[],
+                        help="key=v1,v2,...: one value per value of the preceding --grid axis")
+    parser.add_argument("--out", type=Path, required=True, help="sweep directory")
+    parser.add_argument("--jobs", type=int, help="cells run at once (default 1; with --slurm: array throttle)")
+    parser.add_argument("--slurm", action="store_true", help="write DIR/sweep.sbatch (an array job) instead of running")
+    args = parser.parse_intermixed_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        raise SweepError(f"--jobs: must be >= 1, got {args.jobs}")
+    grid: dict[str, list[str]] = {}
+    linked: dict[str, tuple[str, list[str]]] = {}
+    for option, axis in args.axes:
+        key, items = split_axis(option, axis)
+        if key in grid or key in linked:
+            raise SweepError(f"{option} {key}: given twice")
+        if option == "--grid":
+            if len(set(items)) != len(items):
+                raise SweepError(f"--grid {key}: repeated value in {axis!r}")
+            grid[key] = items
+        elif not grid:
+            raise SweepError(f"--with {key}: needs a --grid axis before it")
+        else:
+            last = list(grid)[-1]
+            if len(items) != len(grid[last]):
+                raise SweepError(f"--with {key}: {len(items)} values for the {len(grid[last])} of --grid {last}")
+            linked[key] = (last, items)
+    if not grid:
+        raise SweepError("--grid: at least one axis is needed (key=v1,v2,...)")
+    for key in [arg.partition("=")[0] for arg in args.overrides] + list(grid) + list(linked):
+        if key == "run_dir":
+            raise SweepError("run_dir: set by the sweep (DIR/runs/<cell>)")
+    for arg in args.overrides:
+        key = arg.partition("=")[0]
+        if key in grid or key in linked:
+            raise SweepError(f"{key}: both swept and a fixed override")
+    if args.out.exists() and not args.out.is_dir():
+        raise SweepError(f"--out {args.out}: exists and is not a directory")
+    return args, grid, linked
+
+
+def make_cells(overrides: list[str], grid: dict[str, list[str]], linked: dict[str, tuple[str, list[str]]],
+               out: Path) -> list[Cell]:
+    """Every cell, its config composed and validated now, before anything runs."""
+    cells = []
+    for combo in itertools.product(*grid.values()):
+        values = dict(zip(grid, combo))
+        name = "_".join(f"{k}={v}" for k, v in values.items()).replace("/", "-")
+        values.update({k: items[grid[axis].index(values[axis])] for k, (axis, items) in linked.items()})
+        run_dir = out / "runs" / name
+        args = ["trainer.progress_bar=false", *overrides, *(f"{k}={v}" for k, v in values.items()),
+                f"run_dir={run_dir}"]
+        try:
+            cfg = compose(args)
+        except ConfigError as err:
+            raise SweepError(f"cell {name}: {err}") from None
+        cells.append(Cell(name, values, args, cfg, run_dir))
+    return cells
+
+
+def command(cell: Cell) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), *cell.args]
+
+
+def run_cell(cell: Cell) -> tuple[Cell, int, float]:
+    """Train one cell (unless already done); returns (cell, exit status, wall seconds)."""
+    if cell.done:
+        return cell, 0, 0.0
+    cell.run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(cell.run_dir / "train.log", "w") as log:
+        status = subprocess.run(command(cell), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    return cell, status, time.perf_counter() - start
+
+
+def cost(cell: Cell) -> int:
+    c = cell.cfg
+    return c.trainer.max_steps * c.model.ensemble * c.data.n * c.model.width
+
+
+def run_all(cells: list[Cell], jobs: int) -> list[str]:
+    """Run the cells, most expensive first; returns the names of the failed ones."""
+    failed, order = [], sorted(cells, key=cost, reverse=True)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for i, (cell, status, wall) in enumerate(pool.map(run_cell, order), 1):
+            note = "reused" if wall == 0 else f"{wall:.1f} s"
+            if status:
+                failed.append(cell.name)
+                note = f"FAILED (exit {status}, see {cell.run_dir / 'train.log'})"
+            print(f"[{i}/{len(cells)}] {cell.name}: {note}", flush=True)
+    return failed
+
+
+def write_slurm(cells: list[Cell], out: Path, jobs: int | None) -> Path:
+    """DIR/cells.txt (one train.py command a line) and DIR/sweep.sbatch, an array job over its lines."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runs").mkdir(exist_ok=True)
+    (out / "cells.txt").write_text("".join(shlex.join(command(c)) + "\n" for c in cells))
+    throttle = f"%{jobs}" if jobs else ""
+    script = out / "sweep.sbatch"
+    script.write_text(f"""#!/bin/bash
+#SBATCH --job-name=paritylab-sweep
+#SBATCH --array=0-{len(cells) - 1}{throttle}
+#SBATCH --cpus-per-task=1
+#SBATCH --output={out.resolve()}/runs/slurm-%A_%a.log
+# One array task per grid cell; add partition / GPU / time lines for your cluster here.
+cd {shlex.quote(str(ROOT))}
+eval "$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(str((out / 'cells.txt').resolve()))})"
+""")
+    return script
+
+
+# --- results -----------------------------------------------------------------------------------
+def member_steps(cell: Cell) -> tuple[dict, np.ndarray, list[float]]:
+    """(summary.json, solved steps with +inf for censored members, final accuracies) of a finished cell."""
+    summary = json.loads((cell.run_dir / "summary.json").read_text())
+    solved, accuracy = summary["solved_step"], summary["final_accuracy"]
+    solved, accuracy = (solved, accuracy) if isinstance(solved, list) else ([solved], [accuracy])
+    steps = np.array([math.inf if s is None else float(s) for s in solved])
+    return summary, steps, accuracy
+
+
+def fit_exponent(ns: np.ndarray, medians: np.ndarray) -> float:
+    """Slope of log(median) against log(n), least squares."""
+    return float(np.polyfit(np.log(ns), np.log(medians), 1)[0])
+
+
+def bootstrap_exponents(points: list[tuple[int, np.ndarray]], rng: np.random.Generator) -> np.ndarray:
+    """Exponents refitted on members resampled within each cell; a resample with a censored median drops
+    that cell, and a replicate left with fewer than two distinct n is skipped."""
+    exponents = []
+    for _ in range(BOOTSTRAP):
+        ns, medians = [], []
+        for n, steps in points:
+            median = np.median(rng.choice(steps, size=steps.size))
+            if np.isfinite(median):
+                ns.append(n)
+                medians.append(median)
+        if len(set(ns)) >= 2:
+            exponents.append(fit_exponent(np.array(ns), np.array(medians)))
+    return np.array(exponents)
+
+
+def summarize(cells: list[Cell]) -> tuple[list[dict], list[dict]]:
+    """(results.csv rows, results.json cells) of the finished cells."""
+    rows, table = [], []
+    for cell in cells:
+        summary, steps, accuracy = member_steps(cell)
+        members, budget = summary["members"], cell.cfg.trainer.max_steps
+        for member, step, acc in zip(members, steps, accuracy):
+            rows.append({**cell.values, "seed": cell.cfg.seed, "member": member,
+                         "solved_step": int(step) if np.isfinite(step) else "",
+                         "censored": int(not np.isfinite(step)), "budget": budget, "final_accuracy": acc})
+        median = float(np.median(steps))
+        table.append({"cell": cell.name, "values": cell.values, "n": cell.cfg.data.n, "k": cell.cfg.data.k,
+                      "members": len(members), "solved": int(np.isfinite(steps).sum()),
+                      "success_probability": float(np.isfinite(steps).mean()),
+                      "median_solved_step": median if math.isfinite(median) else None,
+                      "median_censored": not math.isfinite(median), "budget": budget,
+                      "steps_run": summary.get("steps"), "train_wall_s": summary.get("train_wall_s"),
+                      "run_dir": str(cell.run_dir), "_steps": steps})
+    return rows, table
+
+
+def fits(table: list[dict], grid: dict[str, list[str]]) -> list[dict]:
+    """One power-law fit of the median against n per combination of the other grid keys."""
+    if "data.n" not in grid:
+        return []
+    others = [k for k in grid if k != "data.n"]
+    groups: dict[tuple, list[dict]] = {}
+    for cell in table:
+        groups.setdefault(tuple(cell["values"][k] for k in others), []).append(cell)
+    rng, results = np.random.default_rng(0), []
+    for key, cells in groups.items():
+        used = [c for c in cells if not c["median_censored"]]
+        ks = {c["k"] for c in cells}
+        k = ks.pop() if len(ks) == 1 else None
+        fit = {"group": dict(zip(others, key)), "k": k, "cells": [c["cell"] for c in used],
+               "excluded_censored": [c["cell"] for c in cells if c["median_censored"]],
+               "exponent": None, "exponent_ci95": None, "alpha": None, "alpha_ci95": None}
+        if len({c["n"] for c in used}) >= 2:
+            exponent = fit_exponent(np.array([c["n"] for c in used]), np.array([c["median_solved_step"] for c in used]))
+            boot = bootstrap_exponents([(c["n"], c["_steps"]) for c in used], rng)
+            ci = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+            fit.update(exponent=exponent, exponent_ci95=ci, bootstrap_replicates=int(boot.size))
+            if k:
+                fit.update(alpha=exponent / k, alpha_ci95=[ci[0] / k, ci[1] / k])
+        results.append(fit)
+    return results
+
+
+def plot_scaling(ax, table: list[dict], fitted: list[dict]) -> None:
+    """Median solved_step against n, log-log, with each fit; members as dots, censored ones as x."""
+    for i, fit in enumerate(fitted):
+        cells = [c for c in table if all(c["values"][k] == v for k, v in fit["group"].items())]
+        for c in cells:
+            done = np.isfinite(c["_steps"])
+            ax.plot([c["n"] * 1.02] * done.sum(), c["_steps"][done], ".", color=f"C{i}", alpha=0.25, ms=3)
+            ax.plot([c["n"] * 1.02] * (~done).sum(), [c["budget"]] * (~done).sum(), "x", color=f"C{i}", ms=4)
+        used = [c for c in cells if not c["median_censored"]]
+        ns, medians = np.array([c["n"] for c in used], float), np.array([c["median_solved_step"] for c in used])
+        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in fit["group"].items()) or "median"
+        if fit["exponent"] is not None:
+            label += f": n^{fit['exponent']:.2f}"
+            intercept = np.mean(np.log(medians) - fit["exponent"] * np.log(ns))
+            ax.plot(ns, np.exp(intercept) * ns ** fit["exponent"], "-", color=f"C{i}", alpha=0.6)
+        ax.plot(ns, medians, "o", color=f"C{i}", label=label)
+    ticks = sorted({c["n"] for c in table})
+    ax.set(xscale="log", yscale="log", xlabel="n (input bits)", ylabel="solved_step",
+           title="median steps to 100% held-out accuracy\n(dots: members; x: censored at the budget)")
+    ax.set_xticks(ticks, [str(n) for n in ticks])
+
+
+def plot_success(ax, table: list[dict], grid: dict[str, list[str]]) -> None:
+    """Success probability against the first grid key, one line per value of the other keys."""
+    axis, rest = list(grid)[0], list(grid)[1:]
+    numeric = all(v.replace(".", "", 1).isdigit() for v in grid[axis])
+    position = {v: float(v) if numeric else i for i, v in enumerate(grid[axis])}
+    for i, combo in enumerate(itertools.product(*(grid[k] for k in rest))):
+        cells = [c for c in table if all(c["values"][k] == v for k, v in zip(rest, combo))]
+        label = ", ".join(f"{k}={v}" for k, v in zip(rest, combo)) or None
+        ax.plot([position[c["values"][axis]] for c in cells], [c["success_probability"] for c in cells], "o-",
+                color=f"C{i}", label=label)
+    ax.set(xscale="log" if numeric else "linear", xlabel=axis, ylabel="success probability", ylim=(-0.05, 1.05),
+           title="solved within the step budget")
+    ax.set_xticks(list(position.values()), list(position))
+
+
+def plot(table: list[dict], fitted: list[dict], grid: dict[str, list[str]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    plot_scaling(ax, table, fitted) if fitted else plot_success(ax, table, grid)
+    ax.minorticks_off()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(cells: list[Cell], grid: dict[str, list[str]], out: Path, extra: dict) -> dict:
+    rows, table = summarize(cells)
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    fitted = fits(table, grid)
+    plot(table, fitted, grid, out / "scaling.png")
+    results = {"grid": grid, **extra, "cells": [{k: v for k, v in c.items() if k != "_steps"} for c in table],
+               "fits": fitted}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args, grid, linked = parse(argv)
+        cells = make_cells(args.overrides, grid, linked, args.out)
+    except SweepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.slurm:
+        script = write_slurm(cells, args.out, args.jobs)
+        print(f"wrote {script} ({len(cells)} array tasks): sbatch {script}; afterwards rerun this command "
+              "without --slurm to collect (finished cells are reused)")
+        return 0
+    start = time.perf_counter()
+    failed = run_all(cells, args.jobs or 1)
+    finished = [c for c in cells if c.name not in failed]
+    wall = round(time.perf_counter() - start, 1)
+    if finished:
+        extra = {"linked": {k: dict(zip(grid[axis], items)) for k, (axis, items) in linked.items()},
+                 "overrides": args.overrides, "failed": failed, "jobs": args.jobs or 1,
+                 "wall_s": wall}  # of this invocation: reused cells cost nothing here
+        results = write_results(finished, grid, args.out, extra)
+        for fit in results["fits"]:
+            if fit["exponent"] is not None:
+                lo, hi = fit["exponent_ci95"]
+                print(f"{fit['group']}: median solved_step ~ n^{fit['exponent']:.2f} (95% CI {lo:.2f}..{hi:.2f})"
+                      + (f", alpha = {fit['alpha']:.2f}" if fit["alpha"] is not None else ""))
+        print(f"wrote {args.out / 'results.csv'}, results.json, scaling.png ({wall} s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

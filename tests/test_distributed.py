@@ -215,6 +215,8 @@ JOB_VARIABLE = {"torchrun": "TORCHELASTIC_RUN_ID", "slurm": "SLURM_JOB_ID"}
 
 def rank_one_trainer(monkeypatch, launcher: str, job: str):
     import lightning as L
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+    monkeypatch.setattr(rank_zero_only, "rank", getattr(rank_zero_only, "rank", 0))  # the Trainer sets it to 1
     for key in set(os.environ) - set(clean_env()):
         monkeypatch.delenv(key)
     for key, value in {**LAUNCHER_ENV[launcher], JOB_VARIABLE[launcher]: job}.items():

@@ -161,16 +161,22 @@ class ResumeState(L.Callback):
     def __init__(self, identity: dict):
         self.identity = identity
         self._pending: Optional[dict] = None
+        self._saved = False
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint[IDENTITY_KEY] = self.identity
         checkpoint[RNG_KEY] = rng_states()
         checkpoint[LOGGED_STEP_KEY] = logged_step(trainer)
+        self._saved = True
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         self._pending = checkpoint.get(RNG_KEY)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._saved:  # the checkpointed batch's metrics were written after the save: put them on disk
+            for logger in trainer.loggers:
+                getattr(logger.experiment, "flush", lambda: None)()
+            self._saved = False
         if self._pending is not None:
             set_rng_states(self._pending)
             self._pending = None

@@ -1,0 +1,183 @@
+"""Linear and MLP next-token models and the multiplication task: causality, cache, format, split, stream."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from config import ConfigError, compose
+from datamodules.cot import CoTDataModule
+from datamodules.multiply import MultiplyDataModule, held_out, operands, render, sequences
+from datamodules.parity import Ticket
+from lightning_modules.autoregressive import AutoregressiveNet
+from lightning_modules.next_token import completion_loss, make_backbone, teacher_forced_and_greedy
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def multiply_config(*overrides: str):
+    return compose(["experiment=multiply_cot", "data.batch_size=16", "model.width=16", "eval.size=64", *overrides])
+
+
+def backbone(kind: str, vocab: int = 15, seq_len: int = 25, depth: int = 2) -> AutoregressiveNet:
+    torch.manual_seed(0)
+    net = make_backbone(multiply_config(f"model.kind={kind}", f"model.depth={depth}"), vocab, seq_len)
+    with torch.no_grad():  # the linear model starts at zero: give every parameter a value
+        for p in net.parameters():
+            p.normal_()
+    return net
+
+
+def parse(text: str, digits: int) -> dict:
+    """Brute force: the numbers a sequence's text states, in plain Python integers."""
+    prompt, completion = text.split("=")
+    a, b = prompt.split("*")
+    out = {"a": int(a), "b": int(b), "answer": completion[-2 * digits:]}
+    if ">" in completion:
+        chain, _ = completion.split(">")
+        partials, *sums = chain.split(";")
+        out["partials"] = [int(p[::-1]) for p in partials.split("+")]  # least significant digit first
+        out["sums"] = [int(s[::-1]) for s in sums]
+        out["widths"] = {len(p) for p in partials.split("+")} | {len(s) for s in sums}
+    return out
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_changing_a_future_token_never_changes_earlier_logits(kind):
+    net = backbone(kind)
+    tokens = torch.randint(0, 15, (8, 25))
+    logits = net(tokens)
+    for p in (0, 5, 24):
+        changed = tokens.clone()
+        changed[:, p:] = (changed[:, p:] + torch.randint(1, 15, changed[:, p:].shape)) % 15
+        other = net(changed)
+        assert torch.equal(other[:, :p], logits[:, :p])
+        assert not torch.allclose(other[:, p], logits[:, p])  # position p does see its own token
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_cached_generation_equals_recomputing_the_prefix(kind):
+    net = backbone(kind, depth=1)
+    tokens = torch.randint(0, 15, (32, 25))
+    logits, generated = teacher_forced_and_greedy(net, tokens, 6, use_cache=True)
+    logits_plain, generated_plain = teacher_forced_and_greedy(net, tokens, 6, use_cache=False)
+    torch.testing.assert_close(logits, logits_plain)
+    assert torch.equal(generated, generated_plain)
+    assert torch.equal(net(tokens[:, :7]), logits[:, :7])  # a shorter prefix: the same model
+
+
+def test_parameter_count_is_the_lower_triangle():
+    T, V, width = 25, 15, 16
+    assert sum(p.numel() for p in backbone("linear").parameters()) == T * (T + 1) // 2 * V * V + T * V
+    mlp = backbone("mlp", depth=2)
+    expected = T * (T + 1) // 2 * V * width + T * width + (width * width + width) + (width * V + V)
+    assert sum(p.numel() for p in mlp.parameters()) == expected
+
+
+def test_docstring_example():
+    a, b = torch.tensor([12]), torch.tensor([34])
+    assert render(sequences(a, b, 2, "sequential")[0]) == "12*34=8400+0630;8040>0408"
+    assert render(sequences(a, b, 2, "none")[0]) == "12*34=0408"
+
+
+@pytest.mark.parametrize("digits", [1, 2, 3, 4, 9])
+def test_chain_matches_python_arithmetic(digits):
+    dm = MultiplyDataModule(multiply_config(f"data.digits={digits}", "seed=5"))
+    tokens = dm.sample(0, 200, 0, CPU)
+    assert tokens.shape == (200, dm.seq_len) and dm.prompt_len == 2 * digits + 2
+    for row in tokens:
+        text = render(row)
+        s = parse(text, digits)
+        a, b = s["a"], s["b"]
+        assert 10 ** (digits - 1) <= a < 10 ** digits and 10 ** (digits - 1) <= b < 10 ** digits
+        b_digits = [int(c) for c in reversed(str(b))]
+        assert s["partials"] == [a * bj * 10 ** j for j, bj in enumerate(b_digits)]
+        assert s["sums"] == [a * (b % 10 ** (j + 1)) for j in range(1, digits)]
+        assert s["widths"] == {2 * digits}
+        assert s["answer"] == str(a * b).zfill(2 * digits)
+        assert text.index("=") + 1 == dm.prompt_len
+
+
+def test_split_is_a_quarter_and_streams_stay_on_their_side():
+    pairs = torch.cartesian_prod(torch.arange(10, 100), torch.arange(10, 100))
+    fraction = held_out(0, pairs[:, 0], pairs[:, 1]).float().mean().item()
+    assert 0.23 < fraction < 0.27
+    assert not torch.equal(held_out(0, pairs[:, 0], pairs[:, 1]), held_out(1, pairs[:, 0], pairs[:, 1]))
+    dm = MultiplyDataModule(multiply_config("eval.size=6000"))
+    train = dm.generate(Ticket(0, 40, 0, 1), CPU).tokens.reshape(-1, dm.seq_len)
+    held = dm.eval_set(CPU)
+    train_pairs = {tuple(map(int, render(r).split("=")[0].split("*"))) for r in train}
+    held_pairs = {tuple(map(int, render(r).split("=")[0].split("*"))) for r in held}
+    assert train_pairs.isdisjoint(held_pairs)
+    a, b = torch.tensor(sorted(train_pairs)).T
+    assert not held_out(0, a, b).any()
+    a, b = torch.tensor(sorted(held_pairs)).T
+    assert held_out(0, a, b).all()
+    assert len(held_pairs) > 1800  # most of the ~2025 held-out pairs: the eval stream covers the quarter
+
+
+def test_stream_is_a_pure_function_of_the_index():
+    for held in (False, True):
+        a, b = operands(7, 1000, 64, 0, 3, held, CPU)
+        for i in (0, 17, 63):
+            a1, b1 = operands(7, 1000 + i, 1, 0, 3, held, CPU)
+            assert (a1.item(), b1.item()) == (a[i].item(), b[i].item())
+        again = operands(7, 1000, 64, 0, 3, held, CPU)
+        assert torch.equal(again[0], a) and torch.equal(again[1], b)
+        assert not torch.equal(operands(8, 1000, 64, 0, 3, held, CPU)[0], a)
+    big = 2**40 + 5  # sample indices beyond 32 bits
+    a, b = operands(7, big, 4, 0, 3, False, CPU)
+    assert (operands(7, big + 3, 1, 0, 3, False, CPU)[0].item()) == a[3].item()
+
+
+def test_ranks_slice_the_global_batch():
+    dm = MultiplyDataModule(multiply_config("data.batch_size=12"))
+    whole = dm.generate(Ticket(4, 3, 0, 1), CPU).tokens
+    for world in (2, 3):
+        parts = [dm.generate(Ticket(4 + j, 1, r, world), CPU).tokens[0] for j in range(3) for r in range(world)]
+        assert torch.equal(torch.cat(parts).view(3, 12, dm.seq_len), whole)
+
+
+@pytest.mark.parametrize("override,key", [("data.digits=0", "data.digits"), ("data.digits=10", "data.digits"),
+                                          ("data.chain=tree", "data.chain"), ("data.noise=0.1", "data.noise")])
+def test_bad_multiply_config(override, key):
+    with pytest.raises(ConfigError, match=key):
+        MultiplyDataModule(multiply_config(override))
+
+
+def test_mlp_learns_the_parity_chain():
+    """Tiny convergence: the MLP model learns (n=10, k=3) parity with the sequential chain."""
+    cfg = compose(["experiment=cot_parity", "model.kind=mlp", "model.width=64", "model.depth=1", "data.n=10",
+                   "data.k=3", "data.batch_size=64", "optim.lr=0.01", "optim.weight_decay=0.0", "eval.size=512"])
+    torch.manual_seed(0)
+    dm = CoTDataModule(cfg)
+    net = make_backbone(cfg, dm.vocab_size, dm.seq_len)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.optim.lr)
+    for tokens in dm.generate(Ticket(0, 300, 0, 1), CPU).tokens:
+        loss = completion_loss(net(tokens), tokens, dm.prompt_len)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    held = dm.eval_set(CPU)
+    _, generated = teacher_forced_and_greedy(net, held, dm.prompt_len)
+    assert torch.equal(generated[:, -1], held[:, -1])
+
+
+def test_train_py_multiply_writes_the_summary(tmp_path):
+    run = subprocess.run([sys.executable, "train.py", "experiment=multiply_cot", "model.kind=linear",
+                          "trainer=cpu", "trainer.max_steps=10", "eval.every_n_steps=10", "eval.size=64",
+                          "data.batch_size=16", "trainer.progress_bar=false", f"run_dir={tmp_path}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 10
+    assert summary["parameters"] == 25 * 26 // 2 * 15 * 15 + 25 * 15
+    assert all(0.0 <= summary[key] <= 1.0 for key in ("token_accuracy", "greedy_accuracy", "chain_accuracy"))
+    assert summary["chain_accuracy"] <= summary["greedy_accuracy"]  # an exact chain ends in the exact answer
+    bad = subprocess.run([sys.executable, "train.py", "experiment=multiply_cot", "data.digits=0",
+                          f"run_dir={tmp_path / 'bad'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "data.digits" in bad.stderr
+    assert not (tmp_path / "bad").exists()

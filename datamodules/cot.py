@@ -17,12 +17,10 @@ datamodules/parity.py. Label noise flips the answer token only (the chain stays 
 """
 from typing import NamedTuple
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
 from config import Config, ConfigError
-from datamodules.parity import Ticket, TicketStream, eval_stream, secret_for, steps_per_batch, train_stream
+from datamodules.parity import Ticket, TicketDataModule, eval_stream, secret_for, train_stream
 from kernels import sparse_parity
 
 VOCAB_SIZE = 3  # tokens 0 and 1 (bits), 2 (separator)
@@ -66,7 +64,7 @@ def chain_len(chain: str, k: int) -> int:
     return {"none": 1, "sequential": k, "tree": max(k - 1, 1)}[chain]
 
 
-class CoTDataModule(L.LightningDataModule):
+class CoTDataModule(TicketDataModule):
     answer_len = 1
 
     def __init__(self, cfg: Config):
@@ -93,16 +91,6 @@ class CoTDataModule(L.LightningDataModule):
             tokens = tokens[:, :self.prompt_len + 1].clone()
         tokens[:, -1] = y  # the (possibly noisy) answer
         return tokens
-
-    def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        rank, world = trainer.global_rank, trainer.world_size
-        stream = TicketStream(lambda: trainer.global_step, steps_per_batch(self.cfg, world),
-                              self.cfg.trainer.max_steps, rank, world)
-        return DataLoader(stream, batch_size=None, num_workers=0)
-
-    def on_after_batch_transfer(self, ticket: Ticket, dataloader_idx: int) -> SequenceBatch:
-        return self.generate(ticket, self.trainer.strategy.root_device)
 
     def generate(self, ticket: Ticket, device: torch.device) -> SequenceBatch:
         """The sequences of a ticket: rank r's slice of each global batch in the ticket's steps."""

@@ -23,13 +23,11 @@ lies on the stream's side of the split; candidate c takes a and b from words 2 (
 CANDIDATES at a time until one fits. So a sample is a pure function of (seed, stream, g), training
 never sees a held-out pair, and ranks slice the global batch as in datamodules/parity.py.
 """
-import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
 from config import Config, ConfigError
 from datamodules.cot import SequenceBatch
-from datamodules.parity import Ticket, TicketStream, eval_stream, steps_per_batch, train_stream
+from datamodules.parity import Ticket, TicketDataModule, eval_stream, train_stream
 from kernels.philox import MASK32, philox4x32, split_seed
 
 TIMES, EQUALS, PLUS, SUM, ANSWER = 10, 11, 12, 13, 14  # tokens 0..9 are the digits
@@ -105,7 +103,7 @@ def render(tokens: torch.Tensor) -> str:
     return "".join(SYMBOLS[t] for t in tokens.tolist())
 
 
-class MultiplyDataModule(L.LightningDataModule):
+class MultiplyDataModule(TicketDataModule):
     def __init__(self, cfg: Config):
         super().__init__()
         d = cfg.data
@@ -130,16 +128,6 @@ class MultiplyDataModule(L.LightningDataModule):
         d = self.cfg.data
         a, b = operands(self.cfg.seed, start, count, stream, d.digits, stream != train_stream(0), device)
         return sequences(a, b, d.digits, d.chain)
-
-    def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        rank, world = trainer.global_rank, trainer.world_size
-        stream = TicketStream(lambda: trainer.global_step, steps_per_batch(self.cfg, world),
-                              self.cfg.trainer.max_steps, rank, world)
-        return DataLoader(stream, batch_size=None, num_workers=0)
-
-    def on_after_batch_transfer(self, ticket: Ticket, dataloader_idx: int) -> SequenceBatch:
-        return self.generate(ticket, self.trainer.strategy.root_device)
 
     def generate(self, ticket: Ticket, device: torch.device) -> SequenceBatch:
         """The sequences of a ticket: rank r's slice of each global batch in the ticket's steps."""

@@ -70,15 +70,10 @@ def steps_per_batch(cfg: Config, world_size: int) -> int:
     return max(d for d in range(1, min(every, 100) + 1) if every % d == 0)
 
 
-class ParityDataModule(L.LightningDataModule):
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.cfg = cfg
-        d = cfg.data
-        self.secret = list(d.secret) if d.secret is not None else secret_for(cfg.seed, d.n, d.k)
-        first = cfg.model.member_offset
-        self.members = list(range(first, first + cfg.model.ensemble))
-        self._eval_set: tuple[torch.Tensor, torch.Tensor] | None = None
+class TicketDataModule(L.LightningDataModule):
+    """A DataModule whose loader yields tickets and whose ``generate`` makes their samples on the device."""
+
+    cfg: Config
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -87,8 +82,22 @@ class ParityDataModule(L.LightningDataModule):
                               self.cfg.trainer.max_steps, rank, world)
         return DataLoader(stream, batch_size=None, num_workers=0)
 
-    def on_after_batch_transfer(self, ticket: Ticket, dataloader_idx: int) -> ParityBatch:
+    def on_after_batch_transfer(self, ticket: Ticket, dataloader_idx: int):
         return self.generate(ticket, self.trainer.strategy.root_device)
+
+    def generate(self, ticket: Ticket, device: torch.device):
+        raise NotImplementedError
+
+
+class ParityDataModule(TicketDataModule):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.data
+        self.secret = list(d.secret) if d.secret is not None else secret_for(cfg.seed, d.n, d.k)
+        first = cfg.model.member_offset
+        self.members = list(range(first, first + cfg.model.ensemble))
+        self._eval_set: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def generate(self, ticket: Ticket, device: torch.device) -> ParityBatch:
         """The samples of a ticket: rank r's slice of each global batch in the ticket's steps."""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import ConfigError, ModelConfig
-from kernels.attention import attention
+from kernels import attention
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per block: keys, values (B, heads, seq_len, head_dim)
 
@@ -59,7 +59,7 @@ class SelfAttention(nn.Module):
             # One new query against the cached keys 0..pos: the shapes differ (the kernel needs equal ones),
             # and the newest position may see every cached key, so no mask (SDPA's is_causal would align
             # the mask top-left and hide all keys but the first).
-            y = F.scaled_dot_product_attention(q, cache[0][:, :, :pos + 1], cache[1][:, :, :pos + 1])
+            y = F.scaled_dot_product_attention(q, cache[0][:, :, :pos + 1], cache[1][:, :, :pos + 1], is_causal=False)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 

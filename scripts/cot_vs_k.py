@@ -30,8 +30,14 @@ FIELDS = ("chain", "k", "seed", "solved_step", "steps", "greedy_accuracy", "toke
           "train_wall_s", "tokens_per_s")
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line naming the option, exit status 2
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--k", type=int, nargs="+", default=[2, 3, 4, 6, 8, 12])
     parser.add_argument("--budget", type=int, default=3000, help="training steps per run")
@@ -81,7 +87,8 @@ def figure(results: list[dict], ks: list[int], chains: list[str], budget: int) -
     for chain in chains:
         steps = [median_steps([r for r in results if r["chain"] == chain and r["k"] == k]) for k in ks]
         solved = [(k, s) for k, s in zip(ks, steps) if s != float("inf")]
-        line, = ax.plot([k for k, _ in solved], [s for _, s in solved], "o-", label=f"chain = {chain}" if solved else None)
+        line, = ax.plot([k for k, _ in solved], [s for _, s in solved], "o-",
+                        label=f"chain = {chain}" if solved else None)
         unsolved = [k for k, s in zip(ks, steps) if s == float("inf")]
         ax.plot(unsolved, [budget] * len(unsolved), "^", color=line.get_color(), markerfacecolor="none",
                 markersize=9, label=f"chain = {chain}: unsolved at budget" if unsolved else None)

@@ -152,7 +152,8 @@ def test_triton_backend_matches_torch(monkeypatch):
 
     monkeypatch.setattr(sparse_parity_triton, "sparse_parity_triton",
                         counted("data", sparse_parity_triton.sparse_parity_triton))
-    monkeypatch.setattr(attention_triton, "flash_attn_forward", counted("attn_fwd", attention_triton.flash_attn_forward))
+    monkeypatch.setattr(attention_triton, "flash_attn_forward",
+                        counted("attn_fwd", attention_triton.flash_attn_forward))
     monkeypatch.setattr(attention_triton, "flash_attn_backward",
                         counted("attn_bwd", attention_triton.flash_attn_backward))
     reference, ref_results = _one_step("torch")

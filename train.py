@@ -76,9 +76,15 @@ def build(cfg: Config) -> tuple[L.LightningDataModule, L.LightningModule]:
 
 def summarize(cfg: Config, dm: L.LightningDataModule, model: L.LightningModule, trainer: L.Trainer,
               throughput: Throughput) -> dict:
+    problem = {"task": cfg.data.task, "secret": getattr(dm, "secret", None)}  # secret: None for multiply
+    if cfg.data.task == "multiply":
+        problem["digits"] = cfg.data.digits
+    else:
+        problem.update(n=cfg.data.n, k=cfg.data.k)
+    if cfg.model.name == "next_token":
+        problem.update(chain=cfg.data.chain, kind=cfg.model.kind)
     summary = {
-        "experiment": cfg.experiment, "seed": cfg.seed, "secret": getattr(dm, "secret", None),
-        "n": cfg.data.n, "k": cfg.data.k, "members": getattr(model, "members", [0]),
+        "experiment": cfg.experiment, "seed": cfg.seed, **problem, "members": getattr(model, "members", [0]),
         "steps": trainer.global_step,
         **model.results(),
         "samples_per_s": round(throughput.samples_per_s, 1),

@@ -1,8 +1,21 @@
-"""Callbacks every experiment uses: a step-based progress bar and a throughput meter."""
+"""Callbacks every experiment uses: a step-based progress bar and a throughput meter; evaluation logging."""
 import time
 
 import lightning as L
+import torch
 from tqdm.auto import tqdm
+
+
+def log_evaluation(module: L.LightningModule, metrics: dict[str, float], step: int) -> None:
+    """Write evaluation metrics to the logger once, at SGD step ``step``, and show them to callbacks.
+
+    ``self.log(on_step=True)`` would rewrite the last evaluation's values at every later batch until the
+    next evaluation (a staircase of stale points in TensorBoard).
+    """
+    values = {name: float(value) for name, value in metrics.items()}
+    if module.logger is not None:
+        module.logger.log_metrics(values, step=step)  # rank zero only
+    module.trainer.callback_metrics.update({name: torch.tensor(value) for name, value in values.items()})
 
 
 class StepProgressBar(L.Callback):

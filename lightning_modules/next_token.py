@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import Config
+from lightning_modules.callbacks import log_evaluation
 
 EVAL_CHUNK = 2048  # held-out prompts per forward pass
 # Dense FLOP/s by device name (first match wins): (float32 on CUDA cores, TF32 tensor cores).
@@ -131,7 +132,8 @@ class NextTokenModule(L.LightningModule):
         self.train_s += time.perf_counter() - start
         self.train_tokens += batch.tokens.numel() * self.trainer.world_size
         step = self.trainer.global_step
-        self.log_dict({"train/loss": loss, "train/lr": schedule.get_last_lr()[0]}, on_step=True, prog_bar=False)
+        self.log_dict({"train/loss": loss, "train/lr": schedule.get_last_lr()[0],
+                       "step": float(step)}, on_step=True, prog_bar=False)  # "step": the x-axis is SGD steps
         if step % self.cfg.eval.every_n_steps == 0 or step >= self.cfg.trainer.max_steps:
             self.evaluate(step)
 
@@ -155,8 +157,8 @@ class NextTokenModule(L.LightningModule):
         token, greedy, chain = self.accuracy.tolist()
         if greedy == 1.0 and self.solved_step < 0:
             self.solved_step.fill_(step)
-        self.log_dict({"eval/token_accuracy": token, "eval/greedy_accuracy": greedy, "eval/chain_accuracy": chain,
-                       "perf/tokens_per_s": self.tokens_per_s}, on_step=True, prog_bar=False)
+        log_evaluation(self, {"eval/token_accuracy": token, "eval/greedy_accuracy": greedy,
+                              "eval/chain_accuracy": chain, "perf/tokens_per_s": self.tokens_per_s}, step)
         if self.solved_step >= 0:
             self.trainer.should_stop = True
 

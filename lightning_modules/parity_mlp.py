@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from config import Config
+from lightning_modules.callbacks import log_evaluation
 from lightning_modules.hidden_progress import HiddenProgress
 
 
@@ -210,8 +211,8 @@ class ParityMLP(L.LightningModule):
         secret, hidden = self.trainer.datamodule.secret, {}
         if self.cfg.eval.hidden_progress:
             hidden = self.hidden_progress.measure(self.outputs, self.w1, self.w1_init, x[0], secret, step)
-        self.log_dict({"eval/accuracy_mean": self.accuracy.mean(), "eval/accuracy_min": self.accuracy.min(),
-                       "eval/members_solved": float(solved), **hidden}, on_step=True, prog_bar=False)
+        log_evaluation(self, {"eval/accuracy_mean": self.accuracy.mean(), "eval/accuracy_min": self.accuracy.min(),
+                              "eval/members_solved": solved, **hidden}, step)
         experiment = getattr(self.logger, "experiment", None)
         if hidden and self.trainer.is_global_zero and hasattr(experiment, "add_image"):
             for member, image in zip(self.members, self.hidden_progress.images(secret)):

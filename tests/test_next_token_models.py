@@ -173,7 +173,8 @@ def test_train_py_multiply_writes_the_summary(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["steps"] == 10
+    assert summary["steps"] == 10 and summary["secret"] is None and "n" not in summary
+    assert (summary["task"], summary["digits"], summary["chain"], summary["kind"]) == ("multiply", 2, "sequential", "linear")
     assert summary["parameters"] == 25 * 26 // 2 * 15 * 15 + 25 * 15
     assert all(0.0 <= summary[key] <= 1.0 for key in ("token_accuracy", "greedy_accuracy", "chain_accuracy"))
     assert summary["chain_accuracy"] <= summary["greedy_accuracy"]  # an exact chain ends in the exact answer

@@ -63,7 +63,7 @@ def test_run_dir_layout_and_tensorboard_events(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run_dir = tmp_path / "run"
     done = train(tmp_path, f"run_dir={run_dir}", "experiment=parity_mlp_ensemble", "model.ensemble=3",
-                 "data.n=30", "data.k=3", "trainer.max_steps=20000", "eval.every_n_steps=100")
+                 "data.n=30", "data.k=3", "trainer.max_steps=20000", "eval.every_n_steps=200")
     assert done.returncode == 0, done.stderr[-2000:]
     assert (run_dir / "config.yaml").exists() and (run_dir / "checkpoints" / "last.ckpt").exists()
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -75,6 +75,8 @@ def test_run_dir_layout_and_tensorboard_events(tmp_path):
         assert tag in scalars, (tag, scalars)
     solved = [e.value for e in events.Scalars("eval/members_solved")]
     assert solved[-1] == 3 and solved == sorted(solved)
+    evaluated = [e.step for e in events.Scalars("eval/accuracy_mean")]  # once per evaluation, on the SGD step axis
+    assert evaluated == list(range(200, evaluated[-1] + 1, 200)), evaluated
     assert events.Scalars("hparams/solved_step")[-1].value == sorted(summary["solved_step"])[1]
     assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
 
@@ -87,3 +89,9 @@ def test_every_experiment_preset_runs(tmp_path, preset):
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["experiment"] == preset and summary["steps"] <= 20
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
+    tag = "eval/accuracy_mean" if "eval/accuracy_mean" in events.Tags()["scalars"] else "eval/greedy_accuracy"
+    evaluated = [e.step for e in events.Scalars(tag)]  # SGD steps, each evaluation written once
+    assert evaluated == list(range(10, summary["steps"] + 1, 10)), evaluated
+    assert [e.step for e in events.Scalars("train/loss")][-1] == summary["steps"]

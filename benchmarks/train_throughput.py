@@ -1,12 +1,14 @@
 """Training throughput: train.py's Lightning step against a plain PyTorch loop, side by side.
 
     python -m benchmarks.train_throughput [--steps 20000] [--ensemble 1] [--repeats 3] [--json PATH]
-                                          [--breakdown]
+                                          [--breakdown] [--compile]
 
 The Lightning side is train.py itself (a subprocess; its summary.json gives steps and training wall
 time, data generation included). The plain side is the textbook loop doing the identical update —
-nn.Linear MLP, hinge loss, torch.optim.SGD — with all its data generated before the clock starts,
-so it pays for nothing but the update. Rates are member-steps/s: an ensemble of E counts E per step.
+nn.Linear MLP, hinge loss, torch.optim.SGD — timed twice: drawing each step's batch with torch.randint
+(as a plain training script does; train.py pays for its data too), and with all data generated before
+the clock starts (it pays for nothing but the update). Rates are member-steps/s: an ensemble of E
+counts E per step. ``--compile`` runs train.py with kernels.compile=true.
 ``--breakdown`` adds, in this process, where an ensemble step's time goes: data generation, the fused
 plain-SGD step train.py runs, and the same step as hand-written gradients + torch.optim.SGD.
 """
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BATCH = 32  # the default experiment's batch, used by both sides
 
 
-def lightning_rate(steps: int, ensemble: int, threads: int) -> float:
+def lightning_rate(steps: int, ensemble: int, threads: int, compile: bool) -> float:
     """Member-steps/s of `python train.py` on the default experiment, CPU, no eval until the end.
 
     summary.json's samples_per_s is timed from the end of the first batch (start-up excluded);
@@ -37,22 +39,31 @@ def lightning_rate(steps: int, ensemble: int, threads: int) -> float:
         cmd = [sys.executable, "train.py", f"run_dir={tmp}/run", "trainer.accelerator=cpu",
                f"trainer.max_steps={steps}", f"eval.every_n_steps={steps}", f"checkpoint.every_n_steps={steps}",
                f"model.ensemble={ensemble}", f"trainer.cpu_threads={threads}", "trainer.progress_bar=false",
-               "eval.hidden_progress=false"]
+               "eval.hidden_progress=false", f"kernels.compile={str(compile).lower()}"]
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
         summary = json.loads(Path(tmp, "run", "summary.json").read_text())
     return summary["samples_per_s"] / BATCH  # samples = steps x batch x members
 
 
-def plain_rate(steps: int, n: int = 50, width: int = 100, batch: int = BATCH, lr: float = 0.1) -> float:
-    """Steps/s of the plain loop: forward, hinge loss, backward, SGD step."""
+def plain_rate(steps: int, with_data: bool, n: int = 50, width: int = 100, batch: int = BATCH,
+               lr: float = 0.1) -> float:
+    """Steps/s of the plain loop: forward, hinge loss, backward, SGD step; ``with_data``: each step first
+    draws its batch (torch.randint, the label a product of secret columns), else all data is made up front."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(n, width), nn.ReLU(), nn.Linear(width, 1))
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    x = torch.randint(0, 2, (steps, batch, n)).float().mul_(-2).add_(1)
-    y = x[:, :, :3].prod(-1)
+    secret = torch.tensor([0, 1, 2])
+    if not with_data:
+        xs = torch.randint(0, 2, (steps, batch, n)).float().mul_(-2).add_(1)
+        ys = xs[:, :, secret].prod(-1)
     start = time.perf_counter()
     for t in range(steps):
-        loss = (1 - y[t] * model(x[t]).squeeze(-1)).relu().mean()
+        if with_data:
+            x = torch.randint(0, 2, (batch, n)).float().mul_(-2).add_(1)
+            y = x[:, secret].prod(-1)
+        else:
+            x, y = xs[t], ys[t]
+        loss = (1 - y * model(x).squeeze(-1)).relu().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -64,24 +75,27 @@ def breakdown(ensemble: int, steps: int = 100, repeats: int = 5) -> dict[str, fl
     from types import SimpleNamespace
 
     from config import compose
-    from datamodules.parity import ParityDataModule, Ticket
+    from datamodules.parity import ParityDataModule, Ticket, pm1
     from lightning_modules.parity_mlp import ParityMLP
 
     cfg = compose(["experiment=parity_mlp", f"model.ensemble={ensemble}"])
     data, model, cpu = ParityDataModule(cfg), ParityMLP(cfg), torch.device("cpu")
     ticket = Ticket(0, steps, 0, 1)
     batch = data.generate(ticket, cpu)
+    compiled = ParityDataModule(compose(["experiment=parity_mlp", f"model.ensemble={ensemble}", "kernels.compile=true"]))
+    compiled.generate(ticket, cpu)  # compiles
     opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, foreach=True)
     wrapped = SimpleNamespace(optimizer=opt, _on_before_step=lambda: None, _on_after_step=lambda: None)
     params = [model.w1, model.b1, model.w2, model.b2]
 
     def optimizer_steps() -> None:
         for j in range(steps):
-            for p, grad in zip(params, model.loss_and_grads(batch.x[:, j], batch.y[:, j])[1]):
+            for p, grad in zip(params, model.loss_and_grads(pm1(batch.x[:, j]), batch.y[:, j])[1]):
                 p.grad = grad
             opt.step()
 
     parts = {"data generation": lambda: data.generate(ticket, cpu),
+             "data generation, compiled": lambda: compiled.generate(ticket, cpu),
              "fused SGD step (train.py)": lambda: model.plain_sgd_steps(batch.x, batch.y, wrapped),
              "gradients + torch.optim.SGD": optimizer_steps}
     rates = {}
@@ -95,6 +109,15 @@ def breakdown(ensemble: int, steps: int = 100, repeats: int = 5) -> dict[str, fl
     return rates
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    try:
+        line = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name"))
+        return line.split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20000)
@@ -103,25 +126,35 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads, the same on both sides")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--breakdown", action="store_true", help="also time the parts of an ensemble step")
+    parser.add_argument("--compile", action="store_true", help="train.py with kernels.compile=true (CPU data "
+                        "generation through torch.compile; its compile time is start-up, outside the rate)")
     args = parser.parse_args()
-    # similar wall time per side; an ensemble runs >= 2000 steps, so the final evaluation stays negligible
-    lightning_steps = max(100 if args.ensemble == 1 else 2000, args.steps // args.ensemble // 100 * 100)
+    # similar wall time per side; an ensemble runs >= 5000 steps, so the final 64 x 8192-sample evaluation
+    # (about 0.3 s) stays a small part of it
+    lightning_steps = max(100 if args.ensemble == 1 else 5000, args.steps // args.ensemble // 100 * 100)
     torch.set_num_threads(args.threads)
-    ours, plain = [], []
-    for _ in range(args.repeats):  # interleaved, so drifting machine load hits both sides alike
-        plain.append(plain_rate(args.steps))
-        ours.append(lightning_rate(lightning_steps, args.ensemble, args.threads))
+    ours, plain, plain_data = [], [], []
+    for _ in range(args.repeats):  # interleaved, so drifting machine load hits all sides alike
+        plain.append(plain_rate(args.steps, with_data=False))
+        plain_data.append(plain_rate(args.steps, with_data=True))
+        ours.append(lightning_rate(lightning_steps, args.ensemble, args.threads, args.compile))
     result = {
-        "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "ensemble": args.ensemble,
-        "plain_steps_per_s": statistics.median(plain), "train_py_member_steps_per_s": statistics.median(ours),
+        "device": platform.processor() or platform.machine(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "ensemble": args.ensemble, "compile": args.compile, "repeats": args.repeats,
+        "plain_steps_per_s": statistics.median(plain), "plain_with_data_steps_per_s": statistics.median(plain_data),
+        "train_py_member_steps_per_s": statistics.median(ours),
     }
     result["ratio"] = result["train_py_member_steps_per_s"] / result["plain_steps_per_s"]
+    result["ratio_with_data"] = result["train_py_member_steps_per_s"] / result["plain_with_data_steps_per_s"]
     print(f"default parity MLP (n=50, width 100, batch 32, SGD), CPU, {result['threads']} threads, "
           f"median of {args.repeats}")
-    print(f"  plain PyTorch loop          {result['plain_steps_per_s']:10.0f} steps/s")
-    print(f"  train.py (E={args.ensemble:<3d})            {result['train_py_member_steps_per_s']:10.0f} member-steps/s")
-    print(f"  ratio                       {result['ratio']:10.2f}x")
+    print(f"  plain PyTorch loop, data made up front   {result['plain_steps_per_s']:10.0f} steps/s")
+    print(f"  plain PyTorch loop, data drawn each step {result['plain_with_data_steps_per_s']:10.0f} steps/s")
+    print(f"  train.py (E={args.ensemble}{', compiled data' if args.compile else ''})"
+          f"{'':{max(0, 25 - len(str(args.ensemble)) - 15 * args.compile)}}"
+          f"{result['train_py_member_steps_per_s']:10.0f} member-steps/s (its data generation included)")
+    print(f"  ratio to the loop with its data made up front {result['ratio']:6.2f}x")
+    print(f"  ratio to the loop drawing its data            {result['ratio_with_data']:6.2f}x")
     if args.breakdown:
         result["breakdown_member_steps_per_s"] = breakdown(args.ensemble)
         print(f"  parts of an E={args.ensemble} step, in process (best of 5):")

@@ -55,9 +55,18 @@ class TicketStream(IterableDataset):
 
 
 class ParityBatch(NamedTuple):
-    x: torch.Tensor  # (members, steps, local batch, n) float +/-1
+    x: torch.Tensor  # (members, steps, local batch, n): float +/-1 on GPUs, uint8 bits on CPUs (see pm1)
     y: torch.Tensor  # (members, steps, local batch) float +/-1
     step: int
+
+
+def pm1(x: torch.Tensor) -> torch.Tensor:
+    """Inputs as the MLP takes them, float +/-1 (= 1 - 2 bits), from either layout of ParityBatch.x.
+
+    On a GPU the Triton kernel writes +/-1 floats directly; on a CPU a ticket's inputs stay bits
+    (a quarter of the memory traffic), and the model converts one step's slice at a time.
+    """
+    return x if x.is_floating_point() else 1.0 - 2.0 * x.float()
 
 
 def steps_per_batch(cfg: Config, world_size: int) -> int:
@@ -105,11 +114,13 @@ class ParityDataModule(TicketDataModule):
         local = d.batch_size // ticket.world_size
         streams = [train_stream(m) for m in self.members]
 
+        layout = "pm1" if device.type == "cuda" else "bits"
+
         def draw(start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
             x, y, _ = sparse_parity(self.cfg.seed, start, count, d.n, self.secret, stream=streams,
                                     noise=d.noise, backend=self.cfg.kernels.backend, device=device,
-                                    layout="pm1")
-            return x, y
+                                    layout=layout, compile=self.cfg.kernels.compile)
+            return x, y if y.is_floating_point() else 1.0 - 2.0 * y.float()
 
         if ticket.world_size == 1:  # the steps are one contiguous range of samples
             x, y = draw(ticket.step * d.batch_size, ticket.steps * d.batch_size)

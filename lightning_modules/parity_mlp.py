@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from config import Config
+from datamodules.parity import pm1
 from lightning_modules.callbacks import log_evaluation
 from lightning_modules.hidden_progress import HiddenProgress
 
@@ -136,32 +137,49 @@ class ParityMLP(L.LightningModule):
 
     @torch.no_grad()
     def plain_sgd_steps(self, xs: torch.Tensor, ys: torch.Tensor, opt) -> torch.Tensor:
-        """SGD without momentum or weight decay over xs (E, steps, B, n): torch.optim.SGD's update
-        p <- p - lr * grad, each applied by the batched matmul that computes grad. Returns losses (steps, E)."""
+        """SGD without momentum or weight decay over xs (E, steps, B, n), +/-1 floats or bits: torch.optim.SGD's
+        update p <- p - lr * grad, each applied by the batched matmul that computes grad. Returns losses (steps, E).
+
+        Every buffer and view is made once per call, so that a step is a dozen ATen calls into fixed memory.
+        """
         members, steps, batch, n = xs.shape
         first, lr = self.first_layer(), opt.optimizer.param_groups[0]["lr"]
-        x = xs.new_ones(members, batch, n + 1)  # [x, 1]: its product with first adds b1
-        z = xs.new_empty(members, batch, first.shape[2])
-        f = xs.new_empty(members, batch, 1)
-        w2, relu = self.w2.detach().unsqueeze(1), self.cfg.model.activation == "relu"
-        losses = xs.new_empty(steps, members)
-        for j in range(steps):  # buffers are reused: no allocation of batch x width tensors per step
-            x[..., :n] = xs[:, j]
+        x = ys.new_ones(members, batch, n + 1)  # [x, 1]: its product with first adds b1
+        z, dz = ys.new_empty(members, batch, first.shape[2]), ys.new_empty(members, batch, first.shape[2])
+        f, g = ys.new_empty(members, 1, batch), ys.new_empty(members, batch)
+        w2, b2, relu = self.w2.detach().unsqueeze(1), self.b2.detach().view(-1, 1, 1), self.cfg.model.activation == "relu"
+        inputs, x_t, z_t, f_row, g_col, g_row = x[..., :n], x.transpose(1, 2), z.transpose(1, 2), f.squeeze(1), \
+            g.unsqueeze(-1), g.unsqueeze(1)
+        bits, hinge = not xs.is_floating_point(), self.cfg.model.loss == "hinge"
+        if hinge:  # the hinge gradient is -y / B where the slack 1 - y f is positive: one threshold op a step
+            slack, one = ys.new_empty(steps, members, batch), ys.new_ones(())
+            scaled_y = (ys * (-1 / batch)).unbind(1)
+        else:
+            losses = ys.new_empty(steps, members)
+        for j, (x_j, y_j) in enumerate(zip(xs.unbind(1), ys.unbind(1))):  # no allocation of batch x width tensors
+            inputs.copy_(x_j)
+            if bits:  # 1 - 2 bits
+                inputs.mul_(-2.0).add_(1.0)
             torch.bmm(x, first, out=z)
             h = z.clamp_min_(0) if relu else self.activation(z)
-            torch.baddbmm(self.b2.view(-1, 1, 1), h, w2.transpose(1, 2), out=f)
-            losses[j], g = self.losses_and_grad(f.squeeze(-1), ys[:, j])
-            dz = g.unsqueeze(-1) * w2  # (E, B, width)
+            torch.baddbmm(b2, w2, z_t if relu else h.transpose(1, 2), out=f)  # w2 h^T: a row per member
+            if hinge:
+                torch.addcmul(one, y_j, f_row, value=-1, out=slack[j])
+                torch.ops.aten.threshold_backward.grad_input(scaled_y[j], slack[j], 0, grad_input=g)
+            else:
+                losses[j], grad = self.losses_and_grad(f_row, y_j)
+                g.copy_(grad)
+            torch.mul(g_col, w2, out=dz)  # (E, B, width)
             if relu:
                 torch.ops.aten.threshold_backward.grad_input(dz, h, 0, grad_input=dz)  # dz * (z > 0)
             else:
                 dz.mul_(self.activation_grad(z))
             opt._on_before_step()  # Lightning counts the step
-            w2.baddbmm_(g.unsqueeze(1), h, alpha=-lr)
-            self.b2.sub_(g.sum(1), alpha=lr)
-            first.baddbmm_(x.transpose(1, 2), dz, alpha=-lr)
+            w2.baddbmm_(g_row, h, alpha=-lr)
+            b2.sub_(g.sum(1).view_as(b2), alpha=lr)
+            first.baddbmm_(x_t, dz, alpha=-lr)
             opt._on_after_step()
-        return losses
+        return slack.clamp_min_(0).mean(2) if hinge else losses
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -180,7 +198,7 @@ class ParityMLP(L.LightningModule):
         plain_sgd = o.name == "sgd" and o.momentum == 0 and o.weight_decay == 0 and not distributed
         losses = [self.plain_sgd_steps(batch.x, batch.y, opt)] if plain_sgd else []
         for j in range(0 if plain_sgd else batch.x.shape[1]):  # momentum, weight decay, Adam, DDP
-            x, y = batch.x[:, j], batch.y[:, j]
+            x, y = pm1(batch.x[:, j]), batch.y[:, j]
             if distributed:  # DDP averages autograd gradients across ranks
                 loss = self.losses(self(x), y)
                 opt.zero_grad(set_to_none=True)

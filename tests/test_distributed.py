@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from config import CONFIG_DIR, ConfigError, compose
-from datamodules.parity import ParityBatch, ParityDataModule, Ticket
+from datamodules.parity import ParityBatch, ParityDataModule, Ticket, pm1
 from lightning_modules.launch import cluster_plugins, shared_run_dir
 from lightning_modules.parity_mlp import ParityMLP
 
@@ -120,12 +120,12 @@ def test_averaged_rank_gradients_are_the_global_batch_gradient():
     cfg = compose(["data.n=30", "data.batch_size=64", "model.ensemble=3"])
     dm, model = ParityDataModule(cfg), ParityMLP(cfg).double()
     batch = dm.generate(Ticket(7, 1, 0, 1), torch.device("cpu"))
-    loss, grads = model.loss_and_grads(batch.x[:, 0].double(), batch.y[:, 0].double())  # one process
+    loss, grads = model.loss_and_grads(pm1(batch.x[:, 0]).double(), batch.y[:, 0].double())  # one process
     params = [model.w1, model.b1, model.w2, model.b2]
     rank_losses, rank_grads = [], []
     for rank in range(world):  # what each DDP rank computes (parity_mlp.training_step, world_size > 1)
         part = dm.generate(Ticket(7, 1, rank, world), torch.device("cpu"))
-        local = model.losses(model(part.x[:, 0].double()), part.y[:, 0].double())
+        local = model.losses(model(pm1(part.x[:, 0]).double()), part.y[:, 0].double())
         rank_grads.append(torch.autograd.grad(local.sum(), params))
         rank_losses.append(local.detach())
     assert torch.allclose(torch.stack(rank_losses).mean(0), loss, rtol=1e-12)

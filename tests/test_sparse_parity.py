@@ -1,12 +1,15 @@
-"""The stream rule of DESIGN.md on the PyTorch reference path."""
+"""The stream rule of DESIGN.md on the PyTorch reference path (eager and torch.compile'd)."""
+import importlib
 from pathlib import Path
 
 import pytest
 import torch
 
 from config import compose
-from datamodules.parity import ParityDataModule, Ticket, eval_stream, secret_for, train_stream
-from kernels import philox4x32, sparse_parity
+from datamodules.parity import ParityDataModule, Ticket, eval_stream, pm1, secret_for, train_stream
+from kernels import dispatch, philox4x32, sparse_parity
+
+sp_module = importlib.import_module("kernels.sparse_parity")  # the package re-exports the function's name
 
 KAT = Path(__file__).resolve().parents[2] / "shared" / "reference" / "philox4x32_10_kat.txt"
 
@@ -18,10 +21,12 @@ def kat_vectors() -> list[list[int]]:
     return [[int(v, 16) for v in row[2:]] for row in rows]
 
 
-def test_philox_reproduces_random123_known_answers():
+@pytest.mark.parametrize("overflow_free", [False, True])
+def test_philox_reproduces_random123_known_answers(overflow_free):
     for *counter_key, r0, r1, r2, r3 in kat_vectors():
         c0, c1, c2, c3, key0, key1 = counter_key
-        out = philox4x32(*(torch.tensor([c], dtype=torch.int64) for c in (c0, c1, c2, c3)), key0, key1)
+        counters = (torch.tensor([c], dtype=torch.int64) for c in (c0, c1, c2, c3))
+        out = philox4x32(*counters, key0, key1, overflow_free)
         assert [int(o) for o in out] == [r0, r1, r2, r3]
 
 
@@ -111,7 +116,7 @@ def test_eval_stream_is_disjoint_from_every_training_stream():
     assert not train & held_out and len(train) == len(held_out) == 64
     dm = datamodule("model.ensemble=2", "data.n=64")
     x_eval, _ = dm.eval_set(torch.device("cpu"))
-    x_train = dm.generate(Ticket(0, 100, 0, 1), torch.device("cpu")).x.flatten(1, 2)
+    x_train = pm1(dm.generate(Ticket(0, 100, 0, 1), torch.device("cpu")).x).flatten(1, 2)
     for member in range(2):
         seen = {tuple(row.tolist()) for row in x_train[member]}
         assert not any(tuple(row.tolist()) in seen for row in x_eval[member])
@@ -121,3 +126,46 @@ def test_secret_is_a_function_of_the_seed():
     assert secret_for(4, 50, 3) == secret_for(4, 50, 3)
     assert len(set(secret_for(4, 50, 50))) == 50
     assert datamodule("data.secret=[1,2,3]").secret == [1, 2, 3]
+
+
+COMPILED_CASES = [  # seed, start, count, n, secret, streams, noise, layout
+    (0, 2**32 - 100, 300, 50, [1, 5, 49], list(range(0, 16, 2)), 0.0, "bits"),  # counter low word wraps
+    (2**64 - 1, 2**64 - 40, 40, 33, [32, 1], [2**32 - 1], 0.2, "pm1"),  # last samples, top seed and stream
+    (7, 5, 33, 200, list(range(199, 99, -1)), [3], 0.1, "tokens"),  # k = 100: the cumsum path, several words
+]
+
+
+@pytest.mark.parametrize("seed, start, count, n, secret, streams, noise, layout", COMPILED_CASES)
+def test_compiled_cpu_generation_is_bit_exact(seed, start, count, n, secret, streams, noise, layout):
+    """compile=True (torch.compile'd reference, overflow-free Philox) gives the eager reference's samples."""
+    args = (seed, start, count, n, secret)
+    want = sparse_parity(*args, stream=streams, noise=noise, layout=layout)
+    got = sparse_parity(*args, stream=streams, noise=noise, layout=layout, compile=True)
+    assert not sp_module._compile_failed, sp_module._compile_failed
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+
+
+def test_compile_failure_falls_back_to_eager_once(monkeypatch, caplog):
+    def broken(fn):
+        raise RuntimeError("no C++ compiler\nsecond line")
+
+    monkeypatch.setattr(sp_module, "_compiled", broken)
+    monkeypatch.setattr(sp_module, "_compile_failed", [])
+    monkeypatch.setattr(dispatch, "_warned", set())
+    with caplog.at_level("WARNING", logger="paritylab.kernels"):
+        got = [sparse_parity(3, 10, 64, 20, [4, 2], stream=[0, 1], layout="pm1", compile=True) for _ in range(2)]
+    want = sparse_parity(3, 10, 64, 20, [4, 2], stream=[0, 1], layout="pm1")
+    assert all(torch.equal(g, w) for run in got for g, w in zip(run, want))
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    assert len(warnings) == 1 and "no C++ compiler" in warnings[0] and "second line" not in warnings[0]
+
+
+def test_datamodule_tickets_are_bits_on_cpu_and_equal_with_kernels_compile():
+    plain, compiled = datamodule("model.ensemble=2"), datamodule("model.ensemble=2", "kernels.compile=true")
+    ticket = Ticket(step=3, steps=4, rank=0, world_size=1)
+    want, got = plain.generate(ticket, torch.device("cpu")), compiled.generate(ticket, torch.device("cpu"))
+    assert want.x.dtype == torch.uint8 and want.y.dtype == torch.float32
+    assert torch.equal(got.x, want.x) and torch.equal(got.y, want.y)
+    x, y, _ = sparse_parity(0, 3 * 8, 4 * 8, 30, plain.secret, stream=[0, 2], layout="pm1")
+    assert torch.equal(pm1(want.x), x.view(2, 4, 8, 30)) and torch.equal(want.y, y.view(2, 4, 8))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from config import compose, to_yaml
-from datamodules.parity import ParityDataModule, Ticket
+from datamodules.parity import ParityDataModule, Ticket, pm1
 from lightning_modules.parity_mlp import ParityMLP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,17 +133,21 @@ def stub_optimizer(model: ParityMLP, lr: float) -> SimpleNamespace:
                            _on_before_step=lambda: None, _on_after_step=lambda: None)
 
 
-@pytest.mark.parametrize("activation, loss", [("relu", "hinge"), ("relu", "square"), ("sin", "logistic")])
-def test_fused_sgd_matches_torch_optim_sgd(activation, loss):
+@pytest.mark.parametrize("activation, loss, layout", [("relu", "hinge", "bits"), ("relu", "square", "pm1"),
+                                                      ("sin", "logistic", "bits")])
+def test_fused_sgd_matches_torch_optim_sgd(activation, loss, layout):
+    """Inputs as bits (a CPU ticket) or as +/-1 floats (what the GPU kernel writes)."""
     cfg = compose(["experiment=parity_mlp", "data.n=20", "model.ensemble=3", f"model.activation={activation}",
                    f"model.loss={loss}", "model.width=32", "optim.lr=0.05"])
     fused, reference = ParityMLP(cfg), ParityMLP(cfg)
     batch = ParityDataModule(cfg).generate(Ticket(0, 60, 0, 1), torch.device("cpu"))
-    losses = fused.plain_sgd_steps(batch.x, batch.y, stub_optimizer(fused, 0.05))
+    assert batch.x.dtype == torch.uint8  # CPU tickets carry bits
+    xs = batch.x if layout == "bits" else pm1(batch.x)
+    losses = fused.plain_sgd_steps(xs, batch.y, stub_optimizer(fused, 0.05))
     opt = torch.optim.SGD(reference.parameters(), lr=0.05)
     params = [reference.w1, reference.b1, reference.w2, reference.b2]
     for j in range(60):
-        loss_j, grads = reference.loss_and_grads(batch.x[:, j], batch.y[:, j])
+        loss_j, grads = reference.loss_and_grads(pm1(batch.x[:, j]), batch.y[:, j])
         torch.testing.assert_close(losses[j], loss_j, rtol=1e-4, atol=1e-5)
         for p, grad in zip(params, grads):
             p.grad = grad

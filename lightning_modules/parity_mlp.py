@@ -144,13 +144,18 @@ class ParityMLP(L.LightningModule):
         """
         members, steps, batch, n = xs.shape
         first, lr = self.first_layer(), opt.optimizer.param_groups[0]["lr"]
+        relu, hinge = self.cfg.model.activation == "relu", self.cfg.model.loss == "hinge"
+        if self.cfg.kernels.compile and relu and hinge and xs.device.type == "cpu" and xs.dtype == torch.uint8:
+            from lightning_modules import fused_cpu
+            if fused_cpu.extension() is not None:
+                return fused_cpu.plain_sgd_steps(first, self.w2.detach(), self.b2.detach(), xs, ys, lr, opt)
         x = ys.new_ones(members, batch, n + 1)  # [x, 1]: its product with first adds b1
         z, dz = ys.new_empty(members, batch, first.shape[2]), ys.new_empty(members, batch, first.shape[2])
         f, g = ys.new_empty(members, 1, batch), ys.new_empty(members, batch)
-        w2, b2, relu = self.w2.detach().unsqueeze(1), self.b2.detach().view(-1, 1, 1), self.cfg.model.activation == "relu"
+        w2, b2 = self.w2.detach().unsqueeze(1), self.b2.detach().view(-1, 1, 1)
         inputs, x_t, z_t, f_row, g_col, g_row = x[..., :n], x.transpose(1, 2), z.transpose(1, 2), f.squeeze(1), \
             g.unsqueeze(-1), g.unsqueeze(1)
-        bits, hinge = not xs.is_floating_point(), self.cfg.model.loss == "hinge"
+        bits = not xs.is_floating_point()
         if hinge:  # the hinge gradient is -y / B where the slack 1 - y f is positive: one threshold op a step
             slack, one = ys.new_empty(steps, members, batch), ys.new_ones(())
             scaled_y = (ys * (-1 / batch)).unbind(1)

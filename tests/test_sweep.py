@@ -133,12 +133,16 @@ def stub_optimizer(model: ParityMLP, lr: float) -> SimpleNamespace:
                            _on_before_step=lambda: None, _on_after_step=lambda: None)
 
 
-@pytest.mark.parametrize("activation, loss, layout", [("relu", "hinge", "bits"), ("relu", "square", "pm1"),
-                                                      ("sin", "logistic", "bits")])
-def test_fused_sgd_matches_torch_optim_sgd(activation, loss, layout):
+@pytest.mark.parametrize("activation, loss, layout, compiled", [
+    ("relu", "hinge", "bits", False), ("relu", "square", "pm1", False), ("sin", "logistic", "bits", False),
+    ("relu", "hinge", "bits", True)])  # the last: the C++ step of kernels.compile=true
+def test_fused_sgd_matches_torch_optim_sgd(activation, loss, layout, compiled):
     """Inputs as bits (a CPU ticket) or as +/-1 floats (what the GPU kernel writes)."""
+    if compiled:
+        from lightning_modules import fused_cpu
+        assert fused_cpu.extension() is not None, "the C++ step did not build"
     cfg = compose(["experiment=parity_mlp", "data.n=20", "model.ensemble=3", f"model.activation={activation}",
-                   f"model.loss={loss}", "model.width=32", "optim.lr=0.05"])
+                   f"model.loss={loss}", "model.width=32", "optim.lr=0.05", f"kernels.compile={compiled}"])
     fused, reference = ParityMLP(cfg), ParityMLP(cfg)
     batch = ParityDataModule(cfg).generate(Ticket(0, 60, 0, 1), torch.device("cpu"))
     assert batch.x.dtype == torch.uint8  # CPU tickets carry bits
@@ -169,10 +173,11 @@ def fit(args: list[str]) -> ParityMLP:
     return model
 
 
-def test_ensemble_members_equal_separate_runs_bit_for_bit():
-    ensemble = fit(["model.ensemble=3"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_ensemble_members_equal_separate_runs_bit_for_bit(compiled):
+    ensemble = fit(["model.ensemble=3", f"kernels.compile={compiled}"])
     for member in (0, 2):
-        alone = fit(["model.ensemble=1", f"model.member_offset={member}"])
+        alone = fit(["model.ensemble=1", f"model.member_offset={member}", f"kernels.compile={compiled}"])
         for name in ("w1", "b1", "w2", "b2"):
             assert torch.equal(getattr(ensemble, name)[member], getattr(alone, name)[0]), (member, name)
         assert ensemble.solved_step[member] == alone.solved_step[0]

@@ -137,6 +137,7 @@ class ParityDataModule(TicketDataModule):
         if self._eval_set is None or self._eval_set[0].device != device:
             x, y, _ = sparse_parity(self.cfg.seed, 0, self.cfg.eval.size, self.cfg.data.n, self.secret,
                                     stream=[eval_stream(m) for m in self.members],
-                                    backend=self.cfg.kernels.backend, device=device, layout="pm1")
+                                    backend=self.cfg.kernels.backend, device=device, layout="pm1",
+                                    compile=self.cfg.kernels.compile)
             self._eval_set = (x, y)  # noiseless: solved means exactly the parity
         return self._eval_set

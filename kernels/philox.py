@@ -20,27 +20,13 @@ def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (p >> 32) & MASK32, p & MASK32
 
 
-def _mulhilo_exact(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_mulhilo`` without any int64 overflow: m split in 16-bit halves keeps every product below 2**49.
-
-    For compiled code, where int64 overflow is undefined behaviour in the generated C++.
-    """
-    low = a * (m & 0xFFFF)
-    mid = (low >> 16) + a * (m >> 16)  # a * m >> 16
-    return mid >> 16, ((mid & 0xFFFF) << 16) | (low & 0xFFFF)
-
-
 def philox4x32(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,
-               key0: int, key1: int, overflow_free: bool = False) -> tuple[torch.Tensor, ...]:
-    """Ten Philox rounds over counters (c0..c3, broadcastable int64 tensors of uint32 values).
-
-    ``overflow_free``: multiply without wrapping int64 (for torch.compile'd code); same words, more ops.
-    """
-    mulhilo = _mulhilo_exact if overflow_free else _mulhilo
+               key0: int, key1: int) -> tuple[torch.Tensor, ...]:
+    """Ten Philox rounds over counters (c0..c3, broadcastable int64 tensors of uint32 values)."""
     k0, k1 = key0 & MASK32, key1 & MASK32
     for _ in range(ROUNDS):
-        hi0, lo0 = mulhilo(c0, PHILOX_M0)
-        hi1, lo1 = mulhilo(c2, PHILOX_M1)
+        hi0, lo0 = _mulhilo(c0, PHILOX_M0)
+        hi1, lo1 = _mulhilo(c2, PHILOX_M1)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         k0, k1 = (k0 + PHILOX_W0) & MASK32, (k1 + PHILOX_W1) & MASK32
     return c0, c1, c2, c3

@@ -9,12 +9,11 @@ The stream layout, shared bit for bit with the Triton kernel:
   flips the label iff ``u < floor(noise * 2**32)``;
 * ``cot[:, j]`` is the XOR of x over ``secret[:j + 1]``; ``cot[:, -1]`` is the noiseless label.
 """
-import functools
 from collections.abc import Sequence
 
 import torch
 
-from kernels.dispatch import resolve_backend, warn_once
+from kernels.dispatch import resolve_backend
 from kernels.philox import MASK32, philox4x32, split_seed
 
 NOISE_WORD = 0xFFFFFFFF
@@ -33,9 +32,8 @@ def sparse_parity(seed: int, start: int, count: int, n: int, secret: IntOrInts, 
     ``layout="pm1"``: x float32 in {+1, -1} (= 1 - 2 bits), y float32 = 1 - 2 y; cot as bits.
     ``layout="tokens"``: x int64 (count, n + 1 + k) = bits, SEPARATOR, cot; y and cot as bits.
     A sequence of stream ids adds a leading dimension, one slice per stream.
-    ``compile=True`` runs the reference (when the backend resolves to it) as one torch.compile'd loop
-    nest, bit-exact and about 20-40x faster on a CPU; it falls back to eager, with one warning, where
-    compilation fails (no C++ compiler).
+    ``compile=True`` runs the reference on a CPU as a C++ extension (kernels/sparse_parity_cpu.py, built
+    on first use): the same bits, ~10x faster; without a C++ toolchain it warns once and stays eager.
     """
     secret_t, streams, single = _check(seed, start, count, n, secret, stream, noise, layout)
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -85,76 +83,40 @@ def _byte_table(layout: str, device: torch.device) -> torch.Tensor:
 
 
 def _reference(seed, start, count, n, secret, streams, threshold, layout, compile=False):
+    if compile and secret.device.type == "cpu":
+        from kernels.sparse_parity_cpu import extension, sparse_parity_cpu
+        ext = extension()
+        if ext is not None:
+            return _from_bits(*sparse_parity_cpu(ext, seed, start, count, n, secret, streams, threshold), layout)
     key0, key1 = split_seed(seed)
     device = secret.device
     lo = (start & MASK32) + torch.arange(count, dtype=torch.int64, device=device)
     g_lo = (lo & MASK32)[None, :, None]
     g_hi = (((start >> 32) + (lo >> 32)) & MASK32)[None, :, None]
-    calls = torch.arange(((n + 31) // 32 + 3) // 4, dtype=torch.int64, device=device)[None, None, :]
-    args = (calls, g_lo, g_hi, streams[:, None, None], key0, key1, n, threshold)
-    if compile and not _compile_failed:
-        try:
-            words, noise_word = _compiled(_words)(*args, compiled=True)
-            # a short secret as constants: its XOR chain unrolls into the graph (a cumsum would not fuse)
-            static = tuple(secret.tolist()) if secret.numel() <= 64 else secret
-            return _compiled(_samples)(words, noise_word, static, n, threshold, layout, compiled=True)
-        except Exception as error:  # torch.compile raises its backend's errors as they come
-            _compile_failed.append(error)
-            warn_once("sparse_parity-compile", f"sparse_parity: torch.compile failed ({type(error).__name__}: "
-                                               f"{str(error).splitlines()[0][:200]}); using the eager reference")
-    return _samples(*_words(*args), secret, n, threshold, layout)
-
-
-_compile_failed: list[Exception] = []  # once compilation fails, this process stays eager
-
-
-@functools.cache
-def _compiled(fn):
-    """``fn`` through torch.compile, once per process (two graphs: fused, the Philox words would be
-    recomputed for every bit they feed)."""
-    return torch.compile(fn, dynamic=False)
-
-
-def _words(calls, g_lo, g_hi, s, key0: int, key1: int, n: int, threshold: int, compiled: bool = False):
-    """The Philox words (S, count, ceil(n / 32)) of counters (g_lo, g_hi) (1, count, 1) on streams s (S, 1, 1),
-    and the noise words (S, count) if ``threshold``; ``calls`` (1, 1, C) numbers a sample's Philox calls.
-
-    Every counter is a tensor argument, so one compiled graph serves any start. ``compiled``: multiply
-    without int64 overflow, which is undefined behaviour in the generated C++ (eager PyTorch wraps exactly).
-    """
-    words = torch.stack(philox4x32(calls, g_lo, g_hi, s, key0, key1, compiled), dim=-1)  # (S, count, C, 4)
-    words = words.flatten(2)[..., :(n + 31) // 32]
-    if not threshold:
-        return words, None
-    noise_word = philox4x32(torch.full_like(g_lo, NOISE_WORD), g_lo, g_hi, s, key0, key1, compiled)[0][..., 0]
-    return words, noise_word
-
-
-def _samples(words, noise_word, secret, n: int, threshold: int, layout: str, compiled: bool = False):
-    """(x, y, cot) in ``layout`` from a sample's Philox words; ``compiled`` shifts bits out directly.
-    ``secret``: an index tensor, or a tuple of ints (XORed one by one)."""
-    if compiled:  # one loop nest
-        shifts = torch.arange(32, device=words.device)
-        bits = ((words[..., None] >> shifts) & 1).flatten(2)[..., :n].to(torch.uint8)
-        x = 1.0 - 2.0 * bits.float() if layout == "pm1" else bits
-    else:  # bit i of a sample is bit i % 8 of byte i // 8 (bytes little-endian within each word)
-        byte_shifts = torch.arange(0, 32, 8, dtype=torch.int64, device=words.device)
-        byte_values = ((words[..., None] >> byte_shifts) & 0xFF).flatten(2)[..., : (n + 7) // 8]
-        x = _byte_table(layout, words.device)[byte_values].flatten(2)[..., :n]
-    if isinstance(secret, tuple):
-        cot = []
-        for i in secret:
-            bit = (words[..., i // 32] >> (i % 32)) & 1
-            cot.append(cot[-1] ^ bit if cot else bit)
-        cot = torch.stack(cot, dim=-1).to(torch.uint8)
-    else:
-        secret_bits = (words[..., secret // 32] >> (secret % 32)) & 1
-        cot = torch.cumsum(secret_bits, dim=-1).remainder_(2).to(torch.uint8)
+    s = streams[:, None, None]
+    n_words = (n + 31) // 32
+    calls = torch.arange((n_words + 3) // 4, dtype=torch.int64, device=device)[None, None, :]
+    words = torch.stack(philox4x32(calls, g_lo, g_hi, s, key0, key1), dim=-1)  # (S, count, calls, 4)
+    words = words.flatten(2)[..., :n_words]
+    # bit i of a sample is bit i % 8 of byte i // 8 (bytes little-endian within each word)
+    byte_shifts = torch.arange(0, 32, 8, dtype=torch.int64, device=device)
+    byte_values = ((words[..., None] >> byte_shifts) & 0xFF).flatten(2)[..., : (n + 7) // 8]
+    x = _byte_table(layout, device)[byte_values].flatten(2)[..., :n]
+    secret_bits = (words[..., secret // 32] >> (secret % 32)) & 1
+    cot = torch.cumsum(secret_bits, dim=-1).remainder_(2).to(torch.uint8)
     y = cot[..., -1]
     if threshold:
+        noise_word = philox4x32(torch.full_like(g_lo, NOISE_WORD), g_lo, g_hi, s, key0, key1)[0][..., 0]
         y = y ^ (noise_word < threshold).to(torch.uint8)
-    if layout == "pm1":
+    if layout == "pm1":  # x came out of the table as +/-1 already
         return x, 1.0 - 2.0 * y.float(), cot
+    return _from_bits(x, y, cot, layout)
+
+
+def _from_bits(x, y, cot, layout):
+    """(x, y, cot) of the "bits" layout in ``layout``."""
+    if layout == "pm1":
+        return 1.0 - 2.0 * x.float(), 1.0 - 2.0 * y.float(), cot
     if layout == "tokens":
         sep = torch.full(x.shape[:-1] + (1,), SEPARATOR, dtype=torch.int64, device=x.device)
         return torch.cat([x.long(), sep, cot.long()], dim=-1), y, cot

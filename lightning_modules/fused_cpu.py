@@ -9,11 +9,9 @@ eager step to rounding, not to the bit; members stay independent, so a member in
 equals the member alone. Built with torch.utils.cpp_extension on first use (a C++ compiler, ~20 s,
 cached across runs); ``kernels.compile=true`` turns it on.
 """
-import logging
-
 import torch
 
-log = logging.getLogger("paritylab.kernels")
+from kernels.cpp import build
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -34,9 +32,9 @@ void bits_to_pm1(torch::Tensor bits, torch::Tensor x) {
     }
 }
 
-// z (E, B, W): pre-activations, made h = relu(z) in place. w2 (E, W), b2 (E,), y (E, B) +/-1, any
-// strides on y. Writes slack (E, B) = 1 - y f and dz (E, B, W) = g w2 (z > 0), g = scale y where
-// slack > 0 (scale = -1 / B); then w2 -= lr sum_b g h and b2 -= lr sum_b g.
+// z (E, B, W): pre-activations. w2 (E, W), b2 (E,), y (E, B) +/-1, any strides on y. With h = relu(z),
+// writes slack (E, B) = 1 - y f and dz (E, B, W) = g w2 (z > 0), g = scale y where slack > 0
+// (scale = -1 / B); then w2 -= lr sum_b g h and b2 -= lr sum_b g. dz may be z itself.
 void hinge_relu_step(torch::Tensor z, torch::Tensor w2, torch::Tensor b2, torch::Tensor y,
                      torch::Tensor slack, torch::Tensor dz, double scale, double lr) {
   const int64_t E = z.size(0), B = z.size(1), W = z.size(2);
@@ -70,9 +68,10 @@ void hinge_relu_step(torch::Tensor z, torch::Tensor w2, torch::Tensor b2, torch:
       gsum += g;
       float* d = dzp + (e * B + b) * W;
       #pragma omp simd
-      for (int64_t j = 0; j < W; ++j) {
-        d[j] = h[j] > 0.f ? g * w[j] : 0.f;
-        a[j] += g * h[j];
+      for (int64_t j = 0; j < W; ++j) {  // d may be h itself: read h[j] before writing d[j]
+        const float v = h[j];
+        a[j] += g * v;
+        d[j] = v > 0.f ? g * w[j] : 0.f;
       }
     }
     #pragma omp simd
@@ -82,24 +81,9 @@ void hinge_relu_step(torch::Tensor z, torch::Tensor w2, torch::Tensor b2, torch:
 }
 """
 
-_module = None
-_failed = False
-
-
 def extension():
-    """The compiled module, or None (with one warning) where it cannot be built."""
-    global _module, _failed
-    if _module is None and not _failed:
-        try:
-            from torch.utils.cpp_extension import load_inline
-            _module = load_inline("paritylab_fused_cpu", cpp_sources=SOURCE,
-                                  functions=["bits_to_pm1", "hinge_relu_step"],
-                                  extra_cflags=["-O3", "-march=native", "-fopenmp-simd"])
-        except Exception as error:  # no compiler, no headers: the eager step is always there
-            _failed = True
-            log.warning("fused CPU step: building the C++ extension failed (%s: %s); using the eager step",
-                        type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
-    return _module
+    """The compiled module, or None where it cannot be built (one warning)."""
+    return build("paritylab_fused_cpu", SOURCE, ("bits_to_pm1", "hinge_relu_step"))
 
 
 @torch.no_grad()
@@ -110,13 +94,13 @@ def plain_sgd_steps(first: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, xs:
     ext = extension()
     members, steps, batch, n = xs.shape
     x = ys.new_ones(members, batch, n + 1)
-    z, dz = ys.new_empty(members, batch, first.shape[2]), ys.new_empty(members, batch, first.shape[2])
+    z = ys.new_empty(members, batch, first.shape[2])  # pre-activations, then (in place) dz: less to cache
     slack, x_t = ys.new_empty(steps, members, batch), x.transpose(1, 2)
     for j, (x_j, y_j) in enumerate(zip(xs.unbind(1), ys.unbind(1))):
         ext.bits_to_pm1(x_j, x)
         torch.bmm(x, first, out=z)
         opt._on_before_step()  # Lightning counts the step
-        ext.hinge_relu_step(z, w2, b2, y_j, slack[j], dz, -1.0 / batch, lr)
-        first.baddbmm_(x_t, dz, alpha=-lr)
+        ext.hinge_relu_step(z, w2, b2, y_j, slack[j], z, -1.0 / batch, lr)
+        first.baddbmm_(x_t, z, alpha=-lr)
         opt._on_after_step()
     return slack.clamp_min_(0).mean(2)

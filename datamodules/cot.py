@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from config import Config, ConfigError
-from datamodules.parity import Ticket, TicketDataModule, eval_stream, secret_for, train_stream
+from datamodules.parity import Ticket, TicketDataModule, eval_stream, joined, secret_for, train_stream
 from kernels import sparse_parity
 
 VOCAB_SIZE = 3  # tokens 0 and 1 (bits), 2 (separator)
@@ -95,17 +95,9 @@ class CoTDataModule(TicketDataModule):
     def generate(self, ticket: Ticket, device: torch.device) -> SequenceBatch:
         """The sequences of a ticket: rank r's slice of each global batch in the ticket's steps."""
         d = self.cfg.data
-        local = d.batch_size // ticket.world_size
-
-        def draw(start: int, count: int) -> torch.Tensor:
-            return self.sequences(start, count, train_stream(0), d.noise, device)
-
-        if ticket.world_size == 1:  # the steps are one contiguous range of samples
-            tokens = draw(ticket.step * d.batch_size, ticket.steps * d.batch_size)
-        else:
-            tokens = torch.cat([draw(t * d.batch_size + ticket.rank * local, local)
-                                for t in range(ticket.step, ticket.step + ticket.steps)])
-        return SequenceBatch(tokens.view(ticket.steps, local, self.seq_len), ticket.step)
+        tokens = joined([self.sequences(start, count, train_stream(0), d.noise, device)
+                         for start, count in self.ticket_ranges(ticket)])
+        return SequenceBatch(tokens.view(ticket.steps, d.batch_size // ticket.world_size, self.seq_len), ticket.step)
 
     def eval_set(self, device: torch.device) -> torch.Tensor:
         """The fixed held-out sequences (noiseless), int64 (eval.size, seq_len)."""

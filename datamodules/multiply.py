@@ -27,7 +27,7 @@ import torch
 
 from config import Config, ConfigError
 from datamodules.cot import SequenceBatch
-from datamodules.parity import Ticket, TicketDataModule, eval_stream, train_stream
+from datamodules.parity import Ticket, TicketDataModule, eval_stream, joined, train_stream
 from kernels.philox import MASK32, philox4x32, split_seed
 
 TIMES, EQUALS, PLUS, SUM, ANSWER = 10, 11, 12, 13, 14  # tokens 0..9 are the digits
@@ -131,13 +131,9 @@ class MultiplyDataModule(TicketDataModule):
 
     def generate(self, ticket: Ticket, device: torch.device) -> SequenceBatch:
         """The sequences of a ticket: rank r's slice of each global batch in the ticket's steps."""
-        batch = self.cfg.data.batch_size
-        local = batch // ticket.world_size
-        if ticket.world_size == 1:  # the steps are one contiguous range of samples
-            tokens = self.sample(ticket.step * batch, ticket.steps * batch, train_stream(0), device)
-        else:
-            tokens = torch.cat([self.sample(t * batch + ticket.rank * local, local, train_stream(0), device)
-                                for t in range(ticket.step, ticket.step + ticket.steps)])
+        tokens = joined([self.sample(start, count, train_stream(0), device)
+                         for start, count in self.ticket_ranges(ticket)])
+        local = self.cfg.data.batch_size // ticket.world_size
         return SequenceBatch(tokens.view(ticket.steps, local, self.seq_len), ticket.step)
 
     def eval_set(self, device: torch.device) -> torch.Tensor:

@@ -97,6 +97,20 @@ class TicketDataModule(L.LightningDataModule):
     def generate(self, ticket: Ticket, device: torch.device):
         raise NotImplementedError
 
+    def ticket_ranges(self, ticket: Ticket) -> list[tuple[int, int]]:
+        """(start, count) sample ranges of rank r's slice of each global batch in the ticket's steps, in order:
+        one contiguous range when a single rank takes whole batches."""
+        batch = self.cfg.data.batch_size
+        if ticket.world_size == 1:
+            return [(ticket.step * batch, ticket.steps * batch)]
+        local = batch // ticket.world_size
+        return [(t * batch + ticket.rank * local, local) for t in range(ticket.step, ticket.step + ticket.steps)]
+
+
+def joined(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """torch.cat of ``parts`` along ``dim``, without a copy when there is one part."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
 
 class ParityDataModule(TicketDataModule):
     def __init__(self, cfg: Config):
@@ -120,14 +134,10 @@ class ParityDataModule(TicketDataModule):
             x, y, _ = sparse_parity(self.cfg.seed, start, count, d.n, self.secret, stream=streams,
                                     noise=d.noise, backend=self.cfg.kernels.backend, device=device,
                                     layout=layout, compile=self.cfg.kernels.compile)
-            return x, y if y.is_floating_point() else 1.0 - 2.0 * y.float()
+            return x, pm1(y)
 
-        if ticket.world_size == 1:  # the steps are one contiguous range of samples
-            x, y = draw(ticket.step * d.batch_size, ticket.steps * d.batch_size)
-        else:
-            parts = [draw(t * d.batch_size + ticket.rank * local, local)
-                     for t in range(ticket.step, ticket.step + ticket.steps)]
-            x, y = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+        xs, ys = zip(*(draw(start, count) for start, count in self.ticket_ranges(ticket)))
+        x, y = joined(list(xs), 1), joined(list(ys), 1)
         members = len(streams)
         return ParityBatch(x.view(members, ticket.steps, local, d.n),
                            y.view(members, ticket.steps, local), ticket.step)

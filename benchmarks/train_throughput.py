@@ -9,8 +9,9 @@ nn.Linear MLP, hinge loss, torch.optim.SGD — timed twice: drawing each step's 
 (as a plain training script does; train.py pays for its data too), and with all data generated before
 the clock starts (it pays for nothing but the update). Rates are member-steps/s: an ensemble of E
 counts E per step. ``--compile`` runs train.py with kernels.compile=true.
-``--breakdown`` adds, in this process, where an ensemble step's time goes: data generation, the fused
-plain-SGD step train.py runs, and the same step as hand-written gradients + torch.optim.SGD.
+``--breakdown`` adds, in this process, where an ensemble step's time goes: data generation and the fused
+plain-SGD step train.py runs (each eager and C++), and the same step as hand-written gradients +
+torch.optim.SGD.
 """
 import argparse
 import json

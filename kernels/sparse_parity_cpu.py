@@ -32,6 +32,15 @@ static inline void philox(uint32_t* c0, uint32_t* c1, uint32_t* c2, uint32_t* c3
   }
 }
 
+// Counters (word, g mod 2^32, g div 2^32, stream) of samples g = first, first + 1, ... in the LANES lanes.
+static inline void counters(uint32_t* c0, uint32_t* c1, uint32_t* c2, uint32_t* c3, uint32_t word, uint64_t first,
+                            uint32_t stream) {
+  for (int l = 0; l < LANES; ++l) {
+    const uint64_t g = first + (uint64_t)l;
+    c0[l] = word; c1[l] = (uint32_t)g; c2[l] = (uint32_t)(g >> 32); c3[l] = stream;
+  }
+}
+
 // Samples [start, start + count) of every stream: x (S, count, n), y (S, count), cot (S, count, k), uint8.
 void sparse_parity_bits(uint64_t seed, uint64_t start, torch::Tensor secret, torch::Tensor streams,
                         int64_t threshold, torch::Tensor x, torch::Tensor y, torch::Tensor cot) {
@@ -50,10 +59,7 @@ void sparse_parity_bits(uint64_t seed, uint64_t start, torch::Tensor secret, tor
     for (int64_t i0 = 0; i0 < count; i0 += LANES) {
       const int lanes = (int)std::min<int64_t>(LANES, count - i0);
       for (int64_t call = 0; call < calls; ++call) {
-        for (int l = 0; l < LANES; ++l) {
-          const uint64_t g = start + (uint64_t)(i0 + l);
-          c0[l] = (uint32_t)call; c1[l] = (uint32_t)g; c2[l] = (uint32_t)(g >> 32); c3[l] = stream;
-        }
+        counters(c0, c1, c2, c3, (uint32_t)call, start + (uint64_t)i0, stream);
         philox(c0, c1, c2, c3, k0, k1);
         for (int l = 0; l < LANES; ++l) {
           uint32_t* w = words.data() + (l * calls + call) * 4;
@@ -62,10 +68,7 @@ void sparse_parity_bits(uint64_t seed, uint64_t start, torch::Tensor secret, tor
       }
       uint32_t noise[LANES];
       if (threshold > 0) {
-        for (int l = 0; l < LANES; ++l) {
-          const uint64_t g = start + (uint64_t)(i0 + l);
-          c0[l] = 0xFFFFFFFFu; c1[l] = (uint32_t)g; c2[l] = (uint32_t)(g >> 32); c3[l] = stream;
-        }
+        counters(c0, c1, c2, c3, 0xFFFFFFFFu, start + (uint64_t)i0, stream);  // the noise word
         philox(c0, c1, c2, c3, k0, k1);
         for (int l = 0; l < LANES; ++l) noise[l] = c0[l];
       }

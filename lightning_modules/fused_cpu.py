@@ -87,11 +87,11 @@ def extension():
 
 
 @torch.no_grad()
-def plain_sgd_steps(first: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, xs: torch.Tensor,
+def plain_sgd_steps(ext, first: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, xs: torch.Tensor,
                     ys: torch.Tensor, lr: float, opt) -> torch.Tensor:
-    """ParityMLP.plain_sgd_steps for ReLU + hinge on a CPU: xs (E, steps, B, n) bits, ys (E, steps, B) +/-1;
-    updates first = [w1^T; b1] (E, n + 1, W), w2 (E, W), b2 (E,) in place. Returns losses (steps, E)."""
-    ext = extension()
+    """ParityMLP.plain_sgd_steps for ReLU + hinge on a CPU, with the compiled module ``ext``: xs (E, steps, B, n)
+    bits, ys (E, steps, B) +/-1; updates first = [w1^T; b1] (E, n + 1, W), w2 (E, W), b2 (E,) in place.
+    Returns losses (steps, E)."""
     members, steps, batch, n = xs.shape
     x = ys.new_ones(members, batch, n + 1)
     z = ys.new_empty(members, batch, first.shape[2])  # pre-activations, then (in place) dz: less to cache

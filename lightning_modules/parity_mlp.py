@@ -147,8 +147,9 @@ class ParityMLP(L.LightningModule):
         relu, hinge = self.cfg.model.activation == "relu", self.cfg.model.loss == "hinge"
         if self.cfg.kernels.compile and relu and hinge and xs.device.type == "cpu" and xs.dtype == torch.uint8:
             from lightning_modules import fused_cpu
-            if fused_cpu.extension() is not None:
-                return fused_cpu.plain_sgd_steps(first, self.w2.detach(), self.b2.detach(), xs, ys, lr, opt)
+            ext = fused_cpu.extension()
+            if ext is not None:
+                return fused_cpu.plain_sgd_steps(ext, first, self.w2.detach(), self.b2.detach(), xs, ys, lr, opt)
         x = ys.new_ones(members, batch, n + 1)  # [x, 1]: its product with first adds b1
         z, dz = ys.new_empty(members, batch, first.shape[2]), ys.new_empty(members, batch, first.shape[2])
         f, g = ys.new_empty(members, 1, batch), ys.new_empty(members, batch)

@@ -1,8 +1,15 @@
 """Build a C++ extension on first use (torch.utils.cpp_extension), or say once why not and return None."""
 import functools
 import logging
+import os
+import shutil
 
 log = logging.getLogger("paritylab.kernels")
+
+
+def cxx() -> str | None:
+    """The C++ compiler torch.utils.cpp_extension would call ($CXX, else c++), if it is on the PATH."""
+    return shutil.which(os.environ.get("CXX", "c++"))
 
 
 @functools.cache

@@ -6,49 +6,46 @@ import json
 import logging
 import os
 import resource
+import shutil
+import signal
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from config import Config, ConfigError, compose, to_yaml, validate
+from lightning_modules import stopping
 from lightning_modules.callbacks import StepProgressBar, Throughput
-from lightning_modules.checkpointing import (AtomicCheckpointIO, KillAtStep, ResumeState, load_for_resume,
-                                             resume_path, run_identity, tensorboard_resume_step)
-from lightning_modules.launch import RUN_DIR_ENV, RankAgreement, cluster_plugins, run_digest, shared_run_dir
+from lightning_modules.checkpointing import (AtomicCheckpointIO, KillAtStep, ResumeState, adopt_settings,
+                                             load_for_resume, resume_path, run_identity, run_settings,
+                                             tensorboard_resume_step)
+from lightning_modules.launch import (RUN_DIR_ENV, RankAgreement, check_cluster, cluster_plugins, run_digest,
+                                      shared_run_dir)
+from lightning_modules.run_dirs import check_free, check_place, claim, make_run_dir, write_atomic
 
 
-def make_run_dir(cfg: Config) -> Path:
-    """A new unique run directory runs/<experiment>/<time>-<seed>."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for attempt in range(1000):
-        path = Path("runs") / cfg.experiment / f"{stamp}-{cfg.seed}{f'-{attempt}' if attempt else ''}"
-        try:
-            path.mkdir(parents=True, exist_ok=False)  # atomic: two runs never share a directory
-            return path
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a unique run directory under runs/{cfg.experiment}")
-
-
-def build_trainer(cfg: Config, run_dir: Path, callbacks: list, tb_purge_step: Optional[int] = None) -> L.Trainer:
-    """``tb_purge_step``: on resume, the first step to log; TensorBoard hides older events from there on."""
+def build_trainer(cfg: Config, run_dir: Path, callbacks: list, tb_purge_step: Optional[int] = None,
+                  preload: Optional[tuple[Path, dict]] = None) -> L.Trainer:
+    """``tb_purge_step``: on resume, the first step to log; TensorBoard hides older events from there on.
+    ``preload``: the (path, checkpoint) being resumed, already loaded and checked."""
     t = cfg.trainer
+    # enable_version_counter=False: last.ckpt is overwritten, never joined by last-v1.ckpt (Lightning versions it
+    # when the run directory moved since the checkpoint it resumed was written).
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint.every_n_steps,
-                                  save_last=True, save_top_k=0)
+                                  save_last=True, save_top_k=0, enable_version_counter=False)
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
         max_steps=t.max_steps, max_epochs=-1, logger=TensorBoardLogger(run_dir, name="", version="tb",
                                                                        default_hp_metric=False,
                                                                        purge_step=tb_purge_step),
-        plugins=[AtomicCheckpointIO(), *cluster_plugins()], default_root_dir=run_dir / "checkpoints",
+        plugins=[AtomicCheckpointIO(preload), *cluster_plugins()], default_root_dir=run_dir / "checkpoints",
         callbacks=[checkpoints, *callbacks], enable_progress_bar=False, enable_model_summary=False,
         log_every_n_steps=1, num_sanity_val_steps=0, limit_val_batches=0)
 
@@ -112,14 +109,37 @@ def log_hparams(cfg: Config, trainer: L.Trainer, summary: dict) -> None:
     trainer.logger.finalize("success")
 
 
+def finished(run_dir: Optional[Path], resume: Optional[Path], checkpoint: Optional[dict], cfg: Config) -> bool:
+    """Whether ``checkpoint`` is the end of the finished run in ``run_dir`` (summary.json written at its step),
+    with nothing left to do: its step budget spent, or every member solved."""
+    if checkpoint is None or run_dir is None or resume.resolve().parent.parent != run_dir.resolve():
+        return False
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    step = checkpoint["global_step"]
+    return summary.get("steps") == step and (step >= cfg.trainer.max_steps or all_solved(summary.get("solved_step")))
+
+
+def all_solved(solved_step) -> bool:
+    """Whether a solved_step field (int or None, or a list of them for an ensemble) says every member solved."""
+    return all(s is not None for s in solved_step) if isinstance(solved_step, list) else solved_step is not None
+
+
+def error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str]) -> int:
+    stopping.install()  # from here on SIGTERM / SIGINT stop the run at a step, with a checkpoint
     try:
         cfg = compose(argv)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return error(str(err))
     for noise in (".*does not have many workers.*", ".*weights_only.*", ".*treespec.*LeafSpec.*",
-                  ".*no pre-optimization state was saved.*"):
+                  ".*no pre-optimization state was saved.*", ".*dirpath has changed from.*"):
         warnings.filterwarnings("ignore", noise)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     if cfg.trainer.cpu_threads:
@@ -128,47 +148,82 @@ def main(argv: list[str]) -> int:
     try:
         dm, model = build(cfg)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return error(str(err))
     samples_per_step = cfg.data.batch_size * cfg.model.ensemble
-    throughput = Throughput(samples_per_step, cfg.eval.every_n_steps)
-    callbacks = [throughput] + ([StepProgressBar()] if cfg.trainer.progress_bar else [])
-    try:
+    throughput, stop = Throughput(samples_per_step, cfg.eval.every_n_steps), stopping.StopOnSignal()
+    callbacks = [throughput, stop] + ([StepProgressBar()] if cfg.trainer.progress_bar else [])
+    try:  # everything that can be checked before a run directory is touched
         trainer = build_trainer(cfg, Path("runs/pending"), callbacks)  # learns rank and world size; rebuilt below
         validate(cfg, world_size=trainer.world_size)
+        check_cluster(cfg, trainer)
         run_dir = shared_run_dir(cfg, trainer)  # None: rank 0 makes a fresh one
+        if run_dir is not None and trainer.is_global_zero:
+            check_free(run_dir)
         resume = resume_path(cfg.resume, run_dir)
-        identity = run_identity(cfg, getattr(dm, "secret", None))
-        checkpoint = load_for_resume(resume, identity, model, cfg.resume_force) if resume else None  # every rank
+        identity, settings = run_identity(cfg, getattr(dm, "secret", None)), run_settings(cfg)
+        checkpoint, changed = (load_for_resume(resume, identity, model, cfg.resume_force, settings)  # every rank
+                               if resume else (None, []))
+        if changed:  # forced: a checkpoint of another run continues in a fresh directory, never in that run's
+            run_dir = shared_run_dir(cfg, trainer, adopt_checkpoint_home=False)
+        if run_dir is not None:
+            check_place(run_dir)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, RuntimeError) as err:  # Lightning's own check of accelerator/devices/strategy
-        print(f"error: trainer: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
+        return error(str(err))
+    except (ValueError, RuntimeError, TypeError, MisconfigurationException) as err:  # Lightning's own checks
+        return error(f"trainer: {str(err).strip().splitlines()[0]}")
+    if finished(run_dir, resume, checkpoint, cfg):
+        print(f"run_dir: {run_dir} finished at step {checkpoint['global_step']} (summary.json); nothing to do")
+        return 0
+    if stopping.requested():
+        return interrupted(None, trainer.global_step)
+    lock = None
     if trainer.is_global_zero:  # only rank 0 writes to the run directory
-        run_dir = run_dir or make_run_dir(cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir = run_dir or make_run_dir(cfg.experiment, cfg.seed)
+            ours = checkpoint is not None and resume.resolve().parent.parent == run_dir.resolve()
+            restart = cfg.resume == "auto" and checkpoint is None and not (run_dir / "summary.json").exists()
+            lock = claim(run_dir, resumes_it=ours or restart)
+        except ConfigError as err:
+            return error(str(err))
+        if restart:  # an attempt that died before its first checkpoint: nothing of it is kept
+            shutil.rmtree(run_dir / "tb", ignore_errors=True)
+        if changed and ours and (run_dir / "config.yaml").exists():  # forced new settings: keep what ran before
+            os.replace(run_dir / "config.yaml", run_dir / f"config-to-step-{checkpoint['global_step']}.yaml")
         os.environ[RUN_DIR_ENV] = str(run_dir)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+    if changed:
+        adopt_settings(checkpoint, model, changed)
+        print(f"resume: continuing with changed settings: {', '.join(changed)}", file=sys.stderr)
     start = f"{resume.resolve()} at step {checkpoint['global_step']}" if checkpoint else "fresh"
-    callbacks += [ResumeState(identity), RankAgreement(run_digest(cfg, identity["secret"], run_dir, start))]
+    callbacks += [ResumeState(identity, settings), RankAgreement(run_digest(cfg, identity["secret"], run_dir, start))]
     callbacks += [KillAtStep(cfg.trainer.fail_at_step)] if cfg.trainer.fail_at_step else []
-    trainer = build_trainer(cfg, run_dir, callbacks, tensorboard_resume_step(checkpoint) if checkpoint else None)
+    trainer = build_trainer(cfg, run_dir, callbacks, tensorboard_resume_step(checkpoint) if checkpoint else None,
+                            (resume, checkpoint) if checkpoint else None)
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=resume)
     except ConfigError as err:  # the ranks disagree (RankAgreement)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        return error(str(err))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(last)
+    if stop.stopped_at is not None and trainer.global_step < cfg.trainer.max_steps and not all_solved(model.results()["solved_step"]):
+        return interrupted(last, trainer.global_step)
     if trainer.is_global_zero:
         summary = summarize(cfg, dm, model, trainer, throughput)
         log_hparams(cfg, trainer, summary)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(f"run_dir: {run_dir}")
         print(f"solved_step: {summary['solved_step']}  final_accuracy: {summary['final_accuracy']}  "
               f"samples/s: {summary['samples_per_s']:.0f}  wall: {summary['train_wall_s']:.1f}s")
+    del lock  # held to the end: no second process enters this run directory while it runs
     return 0
+
+
+def interrupted(checkpoint: Optional[Path], step: int) -> int:
+    """One line on stderr and 128 + signal, for a run a signal stopped at ``step``."""
+    signum = stopping.received()
+    saved = f"checkpoint {checkpoint} at step {step}; resume=auto continues" if checkpoint else "before training"
+    print(f"stopped by {signal.Signals(signum).name}: {saved}", file=sys.stderr)
+    return 128 + signum
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ class Throughput(L.Callback):
     """Training wall time, and steady-state samples/s (samples = steps x global batch x members).
 
     The rate is timed from the end of the first batch, so one-off start-up work (the TensorBoard
-    writer, first-call allocations) does not count; ``wall_s`` is the whole training loop.
+    writer, first-call allocations) does not count; ``wall_s`` is the whole training loop. A run that ends
+    in its first batch has no such window: its rate is then its steps over ``wall_s``, start-up included.
     """
 
     def __init__(self, samples_per_step: int, log_every_n_steps: int = 500):
@@ -62,10 +63,10 @@ class Throughput(L.Callback):
         self.wall_s = self.rate_s = 0.0
         self.rate_steps = 0
         self._start = self._mark = self._first = None
-        self._mark_step = self._first_step = 0
+        self._mark_step = self._first_step = self._start_step = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._start = time.perf_counter()
+        self._start, self._start_step = time.perf_counter(), trainer.global_step
         self._first = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -82,6 +83,8 @@ class Throughput(L.Callback):
         self.wall_s = now - self._start
         if self._first is not None and trainer.global_step > self._first_step:
             self.rate_s, self.rate_steps = now - self._first, trainer.global_step - self._first_step
+        elif trainer.global_step > self._start_step:
+            self.rate_s, self.rate_steps = self.wall_s, trainer.global_step - self._start_step
             if trainer.global_step > self._mark_step:
                 self._log(trainer, (trainer.global_step - self._mark_step) * self.samples_per_step / (now - self._mark))
 

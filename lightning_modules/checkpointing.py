@@ -2,15 +2,17 @@
 
 * ``AtomicCheckpointIO`` writes a checkpoint to a temporary file beside the target, fsyncs it and
   renames it over the target: a kill at any moment leaves the old file or the new one, never a torn one.
+  It hands Lightning the checkpoint train.py already loaded and checked (``preload``), so the file is read once.
 * ``resume_path`` turns ``resume=PATH|auto`` into a file; ``load_for_resume`` refuses, with one line, a
-  missing or unreadable checkpoint or one of another problem (experiment, n, k, seed, secret) or shape.
-* ``ResumeState`` stores that identity and the RNG states in every checkpoint and puts the RNG back.
+  missing or unreadable checkpoint, one of another problem (experiment, n, k, seed, secret) or shape, and
+  one trained with other settings (``run_settings``: optimizer, schedule, model, data). ``resume_force=true``
+  accepts the last two, and ``adopt_settings`` then makes the new optimizer settings take effect.
+* ``ResumeState`` stores that identity, the settings and the RNG states in every checkpoint and puts the RNG back.
 * ``KillAtStep`` (``trainer.fail_at_step``) SIGKILLs the process: a fault drill for the resume tests.
 """
 import logging
 import os
 import random
-import secrets
 import signal
 from pathlib import Path
 from typing import Any, Optional
@@ -20,11 +22,15 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from omegaconf import OmegaConf
+
 from config import Config, ConfigError
+from lightning_modules.run_dirs import temp_name
 
 IDENTITY_KEY = "paritylab"  # checkpoint entry: what problem the weights were trained on
 RNG_KEY = "paritylab_rng"
 LOGGED_STEP_KEY = "paritylab_logged_step"
+SETTINGS_KEY = "paritylab_settings"
 IDENTITY_FIELDS = ("experiment", "n", "k", "seed", "secret")
 REQUEUE_SNAPSHOT = "hpc_ckpt_"  # Lightning's name for what its SLURM signal handler saves
 log = logging.getLogger(__name__)
@@ -40,6 +46,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     from last.ckpt (resume=auto).
     """
 
+    def __init__(self, preload: Optional[tuple[Path, dict]] = None):
+        super().__init__()
+        self.preload = preload  # (path, checkpoint): what load_checkpoint returns for that path, once
+
+    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
+        if self.preload is not None and Path(path).resolve() == self.preload[0].resolve():
+            checkpoint, self.preload = self.preload[1], None
+            return checkpoint
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
@@ -48,7 +64,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             log.info(f"not writing {path}: a requeued job resumes from last.ckpt")
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        temp = temp_name(path)
         try:
             with open(temp, "xb") as file:
                 torch.save(checkpoint, file)
@@ -71,6 +87,30 @@ def run_identity(cfg: Config, secret: Optional[list[int]]) -> dict:
             "secret": list(secret) if secret is not None else None}
 
 
+# Options that do not change what is trained (where it runs, how often it is looked at or saved, same-bits
+# kernels): they may differ on resume. trainer.max_steps is a budget, except where the schedule spans it.
+RUN_OPTIONS = ("run_dir", "resume", "resume_force", "trainer.max_steps", "trainer.accelerator", "trainer.devices",
+               "trainer.num_nodes", "trainer.strategy", "trainer.steps_per_batch", "trainer.progress_bar",
+               "trainer.cpu_threads", "trainer.fail_at_step", "eval.every_n_steps", "eval.size",
+               "eval.hidden_progress", "checkpoint.every_n_steps", "kernels.backend", "kernels.compile")
+
+
+def run_settings(cfg: Config) -> dict[str, Any]:
+    """The dotted config keys that change training, with their values: what a resume must match."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}{key}.", value)
+        else:
+            flat[prefix[:-1]] = node
+
+    walk("", OmegaConf.to_container(OmegaConf.structured(cfg)))
+    exempt = set(RUN_OPTIONS) - ({"trainer.max_steps"} if cfg.optim.schedule == "cosine" else set())
+    return {key: value for key, value in flat.items() if key not in exempt}
+
+
 def resume_path(resume: Optional[str], run_dir: Optional[Path]) -> Optional[Path]:
     """The checkpoint to resume (None: start fresh): resume=PATH, or for resume=auto run_dir's last.ckpt."""
     if resume is None:
@@ -84,19 +124,24 @@ def resume_path(resume: Optional[str], run_dir: Optional[Path]) -> Optional[Path
     return last if last.exists() else None
 
 
-def load_for_resume(path: Path, identity: dict, model: torch.nn.Module, force: bool = False) -> dict:
-    """The checkpoint at ``path`` if it can continue this run; else ConfigError (one line).
+def load_for_resume(path: Path, identity: dict, model: torch.nn.Module, force: bool = False,
+                    settings: Optional[dict] = None) -> tuple[dict, list[str]]:
+    """The checkpoint at ``path`` if it can continue this run, and the settings that differ (forced).
 
-    ``force`` (resume_force=true) accepts a different experiment, n, k, seed or secret; never a
-    checkpoint whose tensors do not fit the model.
+    Raises ConfigError (one line) for a missing, unreadable or misshapen checkpoint, and, unless ``force``
+    (resume_force=true), for one of another problem or trained with other ``settings``.
     """
+    if path.is_dir():
+        raise ConfigError(f"resume: {path} is a directory, not a checkpoint file "
+                          "(to continue the run in it: run_dir=<it> resume=auto)")
     if not path.is_file():
         raise ConfigError(f"resume: {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # as Lightning will
     except Exception as err:  # torch raises many kinds on a torn or foreign file
-        raise ConfigError(f"resume: {path} is not a readable checkpoint "
-                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        first = str(err).splitlines()[0] if str(err) else ""
+        why = "not a file torch can load safely" if "weights_only" in str(err) else first
+        raise ConfigError(f"resume: {path} is not a readable checkpoint ({type(err).__name__}: {why})") from None
     if not isinstance(checkpoint, dict) or not {"state_dict", "global_step", IDENTITY_KEY} <= checkpoint.keys():
         raise ConfigError(f"resume: {path} is not a paritylab checkpoint (no state_dict, global_step or identity)")
     stored = checkpoint[IDENTITY_KEY]
@@ -111,7 +156,43 @@ def load_for_resume(path: Path, identity: dict, model: torch.nn.Module, force: b
         bad = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
         raise ConfigError(f"resume: {path} does not fit the model ({bad[0]}: checkpoint {found.get(bad[0])}, "
                           f"model {expected.get(bad[0])}{f', and {len(bad) - 1} more' if len(bad) > 1 else ''})")
-    return checkpoint
+    changed = []
+    if settings is not None and SETTINGS_KEY in checkpoint:
+        old = checkpoint[SETTINGS_KEY]
+        changed = [key for key in sorted(old.keys() | settings.keys()) if old.get(key) != settings.get(key)]
+        if changed and not force:
+            shown = "; ".join(f"{key} {old.get(key)!r} vs {settings.get(key)!r}" for key in changed[:4])
+            more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
+            raise ConfigError(f"resume: {path} was trained with other settings (checkpoint vs config: {shown}{more});"
+                              " resume_force=true continues with the new ones")
+    problem = [f.split()[0] for f in differ]
+    return checkpoint, problem + [key for key in changed if key not in problem]
+
+
+def adopt_settings(checkpoint: dict, model: L.LightningModule, changed: list[str]) -> None:
+    """Make forced new optimizer settings take effect: hyperparameters from the new config in every param
+    group; a fresh optimizer state where the optimizer itself changed. Weights and steps are kept."""
+    if not any(key.startswith(("optim.", "trainer.max_steps")) for key in changed):
+        return
+    optimizers = model.configure_optimizers()
+    fresh = optimizers if isinstance(optimizers, dict) else {"optimizer": optimizers}
+    optimizer = fresh["optimizer"]
+    state = optimizer.state_dict()
+    stored = checkpoint["optimizer_states"][0]
+    if "optim.name" in changed:
+        checkpoint["optimizer_states"][0] = state
+    else:
+        stored["param_groups"] = [{**old, **{k: v for k, v in new.items() if k != "params"}}
+                                  for old, new in zip(stored["param_groups"], state["param_groups"])]
+    scheduler = fresh.get("lr_scheduler")
+    if scheduler is not None and checkpoint.get("lr_schedulers"):  # LambdaLR: new base rates, at the stored step
+        scheduler = scheduler["scheduler"] if isinstance(scheduler, dict) else scheduler
+        stored_schedule = checkpoint["lr_schedulers"][0]
+        groups = checkpoint["optimizer_states"][0]["param_groups"]
+        for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["initial_lr"], group["lr"] = base, base * factor(stored_schedule["last_epoch"])
+        stored_schedule["base_lrs"] = list(scheduler.base_lrs)
+        stored_schedule["_last_lr"] = [group["lr"] for group in groups]
 
 
 def logged_step(trainer: L.Trainer) -> int:
@@ -158,13 +239,15 @@ class ResumeState(L.Callback):
     exact wherever ranks draw alike, as they do here.
     """
 
-    def __init__(self, identity: dict):
-        self.identity = identity
+    def __init__(self, identity: dict, settings: Optional[dict] = None):
+        self.identity, self.settings = identity, settings
         self._pending: Optional[dict] = None
         self._saved = False
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint[IDENTITY_KEY] = self.identity
+        if self.settings is not None:
+            checkpoint[SETTINGS_KEY] = self.settings
         checkpoint[RNG_KEY] = rng_states()
         checkpoint[LOGGED_STEP_KEY] = logged_step(trainer)
         self._saved = True

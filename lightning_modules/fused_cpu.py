@@ -12,6 +12,7 @@ cached across runs); ``kernels.compile=true`` turns it on.
 import torch
 
 from kernels.cpp import build
+from lightning_modules import stopping
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -103,4 +104,6 @@ def plain_sgd_steps(ext, first: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
         ext.hinge_relu_step(z, w2, b2, y_j, slack[j], z, -1.0 / batch, lr)
         first.baddbmm_(x_t, z, alpha=-lr)
         opt._on_after_step()
-    return slack.clamp_min_(0).mean(2)
+        if stopping.requested():  # cut the batch short at this step
+            break
+    return slack[:j + 1].clamp_min_(0).mean(2)

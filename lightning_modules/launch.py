@@ -40,13 +40,16 @@ def checkpoint_run_dir(path: Path) -> Optional[Path]:
     return run_dir if path.parent.name == "checkpoints" and (run_dir / "config.yaml").is_file() else None
 
 
-def shared_run_dir(cfg: Config, trainer: L.Trainer) -> Optional[Path]:
-    """The run directory all ranks agree on, or None where rank 0 alone may pick a fresh one."""
+def shared_run_dir(cfg: Config, trainer: L.Trainer, adopt_checkpoint_home: bool = True) -> Optional[Path]:
+    """The run directory all ranks agree on, or None where rank 0 alone may pick a fresh one.
+
+    ``adopt_checkpoint_home=False`` (a forced resume of another run's checkpoint): never that run's directory.
+    """
     if cfg.run_dir:
         return Path(cfg.run_dir)
     if os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
-    if cfg.resume not in (None, "auto") and (home := checkpoint_run_dir(Path(cfg.resume))):
+    if adopt_checkpoint_home and cfg.resume not in (None, "auto") and (home := checkpoint_run_dir(Path(cfg.resume))):
         return home
     job = launcher_job_id()
     if job:
@@ -56,6 +59,16 @@ def shared_run_dir(cfg: Config, trainer: L.Trainer) -> Optional[Path]:
         raise ConfigError("run_dir: required when torchrun starts the ranks without --rdzv-id "
                           "(every rank must name the same directory; see docs/multinode.md)")
     return None
+
+
+def check_cluster(cfg: Config, trainer: L.Trainer) -> None:
+    """Refuse trainer.num_nodes > 1 where nothing tells the ranks where their peers are (it would hang)."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if cfg.trainer.num_nodes == 1 or environment is None or environment.creates_processes_externally:
+        return
+    if not all(os.environ.get(name) for name in ("MASTER_ADDR", "NODE_RANK")):
+        raise ConfigError(f"trainer.num_nodes: {cfg.trainer.num_nodes} nodes need a cluster launcher (torchrun or "
+                          "SLURM srun), or MASTER_ADDR, MASTER_PORT and NODE_RANK set on every node")
 
 
 def cluster_plugins() -> list:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import Config
+from lightning_modules import stopping
 from lightning_modules.callbacks import log_evaluation
 
 EVAL_CHUNK = 2048  # held-out prompts per forward pass
@@ -126,11 +127,13 @@ class NextTokenModule(L.LightningModule):
             opt.step()
             schedule.step()
             losses.append(loss.detach())
+            if stopping.requested():  # cut the batch short at this step
+                break
         loss = torch.stack(losses).mean()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.train_s += time.perf_counter() - start
-        self.train_tokens += batch.tokens.numel() * self.trainer.world_size
+        self.train_tokens += batch.tokens[:len(losses)].numel() * self.trainer.world_size
         step = self.trainer.global_step
         self.log_dict({"train/loss": loss, "train/lr": schedule.get_last_lr()[0],
                        "step": float(step)}, on_step=True, prog_bar=False)  # "step": the x-axis is SGD steps

@@ -18,6 +18,7 @@ from torch import nn
 
 from config import Config
 from datamodules.parity import pm1
+from lightning_modules import stopping
 from lightning_modules.callbacks import log_evaluation
 from lightning_modules.hidden_progress import HiddenProgress
 
@@ -185,7 +186,9 @@ class ParityMLP(L.LightningModule):
             b2.sub_(g.sum(1).view_as(b2), alpha=lr)
             first.baddbmm_(x_t, dz, alpha=-lr)
             opt._on_after_step()
-        return slack.clamp_min_(0).mean(2) if hinge else losses
+            if stopping.requested():  # cut the batch short at this step
+                break
+        return slack[:j + 1].clamp_min_(0).mean(2) if hinge else losses[:j + 1]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -218,6 +221,8 @@ class ParityMLP(L.LightningModule):
                 opt.optimizer.step()
                 opt._on_after_step()
             losses.append(loss.detach().unsqueeze(0))
+            if stopping.requested():
+                break
         step = self.trainer.global_step
         self.log("train/loss", torch.cat(losses).mean(), prog_bar=True, on_step=True, sync_dist=False)
         self.log("step", float(step), on_step=True, sync_dist=False)  # x-axis of every logged scalar: SGD steps

@@ -3,7 +3,6 @@
 Multi-process runs are train.py subprocesses (Lightning's DDP launcher re-executes the entry script;
 torchrun starts one process per rank), on this CPU with gloo.
 """
-import contextlib
 import importlib
 import os
 import signal
@@ -11,7 +10,6 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
@@ -20,41 +18,10 @@ from config import CONFIG_DIR, ConfigError, compose
 from datamodules.parity import ParityBatch, ParityDataModule, Ticket, pm1
 from lightning_modules.launch import cluster_plugins, shared_run_dir
 from lightning_modules.parity_mlp import ParityMLP
-
-ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT = 300
+from procs import ROOT, clean_env, finish, start, train
 SHORT = ["trainer.accelerator=cpu", "trainer.progress_bar=false", "trainer.max_steps=50", "eval.every_n_steps=50",
          "checkpoint.every_n_steps=50", "eval.size=256"]
 COT_OPTIM = ["optim.name=sgd", "optim.lr=0.1"]  # why SGD: see test_ddp_matches_one_process
-
-
-def clean_env() -> dict:
-    """This environment without launcher variables (the tests may themselves run under SLURM or torchrun)."""
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith(("SLURM_", "TORCHELASTIC_", "PARITYLAB_")) and k not in launcher}
-
-
-def start(cmd: list[str], cwd: Path, env: Optional[dict] = None) -> subprocess.Popen:
-    """A process in a session of its own, so that a timeout can end it with every process it started."""
-    return subprocess.Popen(cmd, cwd=cwd, env=env or clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-
-
-def finish(*procs: subprocess.Popen) -> list[subprocess.CompletedProcess]:
-    """Wait for each process; past TIMEOUT, kill their sessions (Lightning and torchrun start children)."""
-    try:
-        outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
-    except BaseException:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-        raise
-    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
-
-
-def train(cwd: Path, *args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    return finish(start([sys.executable, str(ROOT / "train.py"), *args], cwd, env))[0]
 
 
 def torchrun(cwd: Path, launcher: list[str], *args: str) -> subprocess.Popen:

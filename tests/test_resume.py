@@ -1,21 +1,20 @@
 """Exact resume: kill -9 and continue to the same bits and the same TensorBoard curves; atomic
 checkpoint writes; bad checkpoints refused before training."""
-import contextlib
 import math
 import os
 import random
+import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from config import ConfigError, compose
@@ -23,47 +22,12 @@ from datamodules.parity import TicketStream, secret_for
 from lightning_modules.checkpointing import (IDENTITY_KEY, LOGGED_STEP_KEY, AtomicCheckpointIO, ResumeState,
                                              load_for_resume, resume_path, run_identity)
 from lightning_modules.parity_mlp import ParityMLP
-
-ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT = 300
+from procs import ROOT, TIMEOUT, checkpoint, clean_env, finish, one_error_line, start, train
 # Batches of 50 SGD steps (the largest that divides the eval and checkpoint periods); checkpoints at 200
 # and 400. The kill at 350 comes after the step-300 metrics reached TensorBoard: the resumed run must hide
 # them and log them again. Momentum gives the optimizer a state to restore.
 RUN = ["trainer.accelerator=cpu", "trainer.progress_bar=false", "trainer.max_steps=400", "eval.every_n_steps=50",
        "checkpoint.every_n_steps=200", "optim.momentum=0.9", "eval.size=512"]
-
-
-def clean_env() -> dict:
-    """This environment without launcher variables (the tests may themselves run under SLURM or torchrun)."""
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith(("SLURM_", "TORCHELASTIC_", "PARITYLAB_")) and k not in launcher}
-
-
-def start(cmd: list[str], cwd: Path, env: Optional[dict] = None) -> subprocess.Popen:
-    """A process in a session of its own, so that a timeout can end it with every process it started."""
-    return subprocess.Popen(cmd, cwd=cwd, env=env or clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-
-
-def finish(*procs: subprocess.Popen) -> list[subprocess.CompletedProcess]:
-    """Wait for each process; past TIMEOUT, kill their sessions (Lightning and torchrun start children)."""
-    try:
-        outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
-    except BaseException:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-        raise
-    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
-
-
-def train(cwd: Path, *args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    return finish(start([sys.executable, str(ROOT / "train.py"), *args], cwd, env))[0]
-
-
-def checkpoint(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -225,15 +189,18 @@ def test_a_checkpoint_of_another_problem_is_refused_unless_forced(saved, change,
     identity = run_identity(cfg, cfg.data.secret or secret_for(cfg.seed, 20, cfg.data.k))
     with pytest.raises(ConfigError, match=rf"^resume: .*another problem .*{field} "):
         load_for_resume(path, identity, model)
-    assert load_for_resume(path, identity, model, force=True)["global_step"] == 200
+    checkpoint, changed = load_for_resume(path, identity, model, force=True)
+    assert checkpoint["global_step"] == 200 and field in changed
 
 
 def test_missing_foreign_and_misshapen_checkpoints_are_refused(saved, tmp_path):
     path, cfg, model = saved
     identity = run_identity(cfg, secret_for(0, 20, 3))
-    assert load_for_resume(path, identity, model)["global_step"] == 200
+    assert load_for_resume(path, identity, model)[0]["global_step"] == 200
     with pytest.raises(ConfigError, match="does not exist"):
         load_for_resume(tmp_path / "nope.ckpt", identity, model)
+    with pytest.raises(ConfigError, match="is a directory, not a checkpoint file"):
+        load_for_resume(path.parent, identity, model)
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": model.state_dict(), "global_step": 1}, foreign)
     with pytest.raises(ConfigError, match="is not a paritylab checkpoint"):
@@ -242,6 +209,11 @@ def test_missing_foreign_and_misshapen_checkpoints_are_refused(saved, tmp_path):
     garbage.write_bytes(b"\x00" * 100)
     with pytest.raises(ConfigError, match="is not a readable checkpoint"):
         load_for_resume(garbage, identity, model)
+    pickled = tmp_path / "pickled.ckpt"
+    torch.save({"state_dict": model.state_dict(), "global_step": 1, "x": SimpleNamespace()}, pickled)
+    with pytest.raises(ConfigError, match=r"not a file torch can load safely\)$") as refused:
+        load_for_resume(pickled, identity, model)
+    assert "weights_only" not in str(refused.value)
     wider = ParityMLP(compose(["data.n=20", "model.width=50"]))
     with pytest.raises(ConfigError, match=r"does not fit the model \(b1: checkpoint \(1, 100\), model \(1, 50\)"):
         load_for_resume(path, identity, wider, force=True)
@@ -275,3 +247,35 @@ def test_a_stream_resumed_off_the_batch_grid_rejoins_it():
     """Extending a finished 1050-step run: batches end on multiples of 100 again, where eval and checkpoints are."""
     stream = TicketStream(lambda: 1050, steps_per_batch=100, max_steps=1320, rank=0, world_size=1)
     assert [(t.step, t.steps) for t in stream] == [(1050, 50), (1100, 100), (1200, 100), (1300, 20)]
+
+
+# --- resuming with other settings ------------------------------------------------------------------------
+@pytest.mark.parametrize("change", [["optim.lr=0.05"], ["optim.name=adam", "optim.lr=0.001"], ["model.loss=square"]])
+def test_changed_settings_are_refused_unless_forced_and_then_take_effect(tmp_path, uninterrupted, change):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    config = (run_dir / "config.yaml").read_text()
+    refused = train(tmp_path, f"run_dir={run_dir}", *RUN, "resume=auto", "trainer.max_steps=500", *change)
+    line = one_error_line(refused, f"resume: {run_dir / 'checkpoints' / 'last.ckpt'} was trained with other settings")
+    assert all(arg.split("=")[0] in line for arg in change), line
+    assert (run_dir / "config.yaml").read_text() == config
+
+    forced = train(tmp_path, f"run_dir={run_dir}", *RUN, "resume=auto", "trainer.max_steps=500", *change,
+                   "resume_force=true")
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert (run_dir / "config-to-step-400.yaml").read_text() == config  # what ran before is kept
+    recorded = OmegaConf.load(run_dir / "config.yaml")
+    assert all(str(OmegaConf.select(recorded, arg.split("=")[0])) == arg.split("=")[1] for arg in change)
+    group = checkpoint(run_dir)["optimizer_states"][0]["param_groups"][0]
+    lr = next((float(arg.split("=")[1]) for arg in change if arg.startswith("optim.lr")), 0.1)
+    assert group["lr"] == lr and checkpoint(run_dir)["global_step"] == 500
+    if "optim.name=adam" in change:
+        assert "betas" in group and "momentum" not in group
+
+
+def test_a_longer_budget_is_not_a_changed_setting(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    done = train(tmp_path, f"run_dir={run_dir}", *RUN, "resume=auto", "trainer.max_steps=450", "eval.size=256")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert checkpoint(run_dir)["global_step"] == 450

@@ -1,0 +1,93 @@
+"""SIGTERM / SIGINT stop a run at the current step with a checkpoint, one line and 128 + signal; the kill drill:
+SIGKILL and SIGTERM at random moments, every resume continues bitwise from the newest checkpoint."""
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from procs import checkpoint, finish, train, train_process
+
+CPU = ["trainer.accelerator=cpu", "trainer.progress_bar=false"]
+# Unsolvable within the budget, batches of 100 steps of ~30 ms each: a signal lands inside a batch.
+LONG = [*CPU, "data.k=6", "data.batch_size=4096", "eval.size=256", "eval.every_n_steps=600",
+        "checkpoint.every_n_steps=600", "trainer.max_steps=600"]
+
+
+def wait_for(path: Path, proc, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or never got there"
+        time.sleep(0.02)
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("reference")
+    done = train(tmp, f"run_dir={tmp / 'run'}", *LONG)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return checkpoint(tmp / "run")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_checkpoints_the_current_step_and_the_resumed_run_is_bitwise_equal(tmp_path, reference, signum):
+    run_dir = tmp_path / "run"
+    proc = train_process(tmp_path, f"run_dir={run_dir}", *LONG)
+    wait_for(run_dir / "tb", proc)
+    time.sleep(1.5)  # well inside training
+    proc.send_signal(signum)
+    done = finish(proc)[0]
+    assert done.returncode == 128 + signum, done.stderr[-2000:]
+    step = checkpoint(run_dir)["global_step"]
+    lines = done.stderr.strip().splitlines()
+    assert lines == [f"stopped by {signal.Signals(signum).name}: checkpoint {run_dir / 'checkpoints' / 'last.ckpt'} "
+                     f"at step {step}; resume=auto continues"], done.stderr[-2000:]
+    assert 0 < step < 600 and not (run_dir / "summary.json").exists()
+
+    resumed = train(tmp_path, f"run_dir={run_dir}", *LONG, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert same_weights(checkpoint(run_dir)["state_dict"], reference["state_dict"])
+
+
+def test_kill_drill_sigkill_and_sigterm_at_random_moments(tmp_path):
+    """One run killed 10 times, by SIGKILL or SIGTERM at a random moment after its process wrote a checkpoint
+    (one every step, 12 MB: kills land inside writes), and resumed each time: every restart continues from the
+    newest checkpoint, leaves only last.ckpt and no temporary file, and the run ends bitwise equal to an
+    uninterrupted one."""
+    drill = [*CPU, "data.n=64", "model.width=3000", "model.ensemble=8", "data.k=6", "eval.size=64",
+             "eval.every_n_steps=400", "checkpoint.every_n_steps=1", "trainer.max_steps=400",
+             "eval.hidden_progress=false", "resume=auto"]
+    done = train(tmp_path, f"run_dir={tmp_path / 'reference'}", *drill)
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = checkpoint(tmp_path / "reference")["state_dict"]
+    run_dir, rng, newest = tmp_path / "run", random.Random(0), 0
+    last = run_dir / "checkpoints" / "last.ckpt"
+    for kill in range(10):
+        signum = (signal.SIGKILL, signal.SIGTERM)[kill % 2]
+        began = time.time()
+        proc = train_process(tmp_path, f"run_dir={run_dir}", *drill)
+        deadline = time.monotonic() + 120
+        while not (last.exists() and last.stat().st_mtime > began):  # this process has saved one
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.01)
+        assert not list(run_dir.rglob("*.tmp")) or proc.poll() is None  # debris of the last kill is gone
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.send_signal(signum)
+        killed = finish(proc)[0]
+        assert killed.returncode in (128 + signum, -signal.SIGKILL), (kill, killed.stderr[-2000:])
+        step = checkpoint(run_dir)["global_step"]
+        assert newest < step < 400, (kill, newest, step)  # resumed from the newest and got further
+        assert [p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.endswith(".tmp")] == ["last.ckpt"]
+        newest = step
+    done = train(tmp_path, f"run_dir={run_dir}", *drill)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert checkpoint(run_dir)["global_step"] == 400
+    assert same_weights(checkpoint(run_dir)["state_dict"], expected)
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["last.ckpt"]
+    assert not list(run_dir.rglob("*.tmp"))

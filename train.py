@@ -26,9 +26,21 @@ from lightning_modules.callbacks import StepProgressBar, Throughput
 from lightning_modules.checkpointing import (AtomicCheckpointIO, KillAtStep, ResumeState, adopt_settings,
                                              load_for_resume, resume_path, run_identity, run_settings,
                                              tensorboard_resume_step)
-from lightning_modules.launch import (RUN_DIR_ENV, RankAgreement, check_cluster, cluster_plugins, run_digest,
-                                      shared_run_dir)
+from lightning_modules.launch import (RUN_DIR_ENV, RankAgreement, check_cluster, check_devices, cluster_plugins,
+                                      run_digest, shared_run_dir)
 from lightning_modules.run_dirs import check_free, check_place, claim, make_run_dir, write_atomic
+
+
+def quiet_lightning() -> None:
+    """Lightning's notices that say nothing about this run; at import, so ddp_spawn workers get it too."""
+    for noise in (".*does not have many workers.*", ".*weights_only.*", ".*treespec.*LeafSpec.*",
+                  ".*no pre-optimization state was saved.*", ".*dirpath has changed from.*"):
+        warnings.filterwarnings("ignore", noise)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+quiet_lightning()
 
 
 def build_trainer(cfg: Config, run_dir: Path, callbacks: list, tb_purge_step: Optional[int] = None,
@@ -71,8 +83,7 @@ def build(cfg: Config) -> tuple[L.LightningDataModule, L.LightningModule]:
     raise ConfigError(f"model.name: {cfg.model.name!r} with data.task {cfg.data.task!r} is not available")
 
 
-def summarize(cfg: Config, dm: L.LightningDataModule, model: L.LightningModule, trainer: L.Trainer,
-              throughput: Throughput) -> dict:
+def summarize(cfg: Config, dm: L.LightningDataModule, model: L.LightningModule, trainer: L.Trainer) -> dict:
     problem = {"task": cfg.data.task, "secret": getattr(dm, "secret", None)}  # secret: None for multiply
     if cfg.data.task == "multiply":
         problem["digits"] = cfg.data.digits
@@ -84,8 +95,8 @@ def summarize(cfg: Config, dm: L.LightningDataModule, model: L.LightningModule, 
         "experiment": cfg.experiment, "seed": cfg.seed, **problem, "members": getattr(model, "members", [0]),
         "steps": trainer.global_step,
         **model.results(),
-        "samples_per_s": round(throughput.samples_per_s, 1),
-        "train_wall_s": round(throughput.wall_s, 3),
+        "samples_per_s": round(float(trainer.callback_metrics["run/samples_per_s"]), 1),
+        "train_wall_s": round(float(trainer.callback_metrics["run/train_wall_s"]), 3),
         "world_size": trainer.world_size,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
@@ -138,10 +149,6 @@ def main(argv: list[str]) -> int:
         cfg = compose(argv)
     except ConfigError as err:
         return error(str(err))
-    for noise in (".*does not have many workers.*", ".*weights_only.*", ".*treespec.*LeafSpec.*",
-                  ".*no pre-optimization state was saved.*", ".*dirpath has changed from.*"):
-        warnings.filterwarnings("ignore", noise)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     if cfg.trainer.cpu_threads:
         torch.set_num_threads(cfg.trainer.cpu_threads)
     torch.manual_seed(cfg.seed)  # inits drawn from the global RNG (torch seeds it randomly) follow the seed
@@ -150,9 +157,10 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         return error(str(err))
     samples_per_step = cfg.data.batch_size * cfg.model.ensemble
-    throughput, stop = Throughput(samples_per_step, cfg.eval.every_n_steps), stopping.StopOnSignal()
-    callbacks = [throughput, stop] + ([StepProgressBar()] if cfg.trainer.progress_bar else [])
+    callbacks = [Throughput(samples_per_step, cfg.eval.every_n_steps), stopping.StopOnSignal()]
+    callbacks += [StepProgressBar()] if cfg.trainer.progress_bar else []
     try:  # everything that can be checked before a run directory is touched
+        check_devices(cfg)
         trainer = build_trainer(cfg, Path("runs/pending"), callbacks)  # learns rank and world size; rebuilt below
         validate(cfg, world_size=trainer.world_size)
         check_cluster(cfg, trainer)
@@ -169,13 +177,13 @@ def main(argv: list[str]) -> int:
             check_place(run_dir)
     except ConfigError as err:
         return error(str(err))
-    except (ValueError, RuntimeError, TypeError, MisconfigurationException) as err:  # Lightning's own checks
+    except (ValueError, RuntimeError, TypeError, ImportError, MisconfigurationException) as err:  # Lightning's checks
         return error(f"trainer: {str(err).strip().splitlines()[0]}")
     if finished(run_dir, resume, checkpoint, cfg):
         print(f"run_dir: {run_dir} finished at step {checkpoint['global_step']} (summary.json); nothing to do")
         return 0
     if stopping.requested():
-        return interrupted(None, trainer.global_step)
+        return interrupted(stopping.received(), None, trainer.global_step)
     lock = None
     if trainer.is_global_zero:  # only rank 0 writes to the run directory
         try:
@@ -205,10 +213,12 @@ def main(argv: list[str]) -> int:
         return error(str(err))
     last = run_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(last)
-    if stop.stopped_at is not None and trainer.global_step < cfg.trainer.max_steps and not all_solved(model.results()["solved_step"]):
-        return interrupted(last, trainer.global_step)
+    signum = stopping.stopped_by(trainer)
+    cut_short = trainer.global_step < cfg.trainer.max_steps and not all_solved(model.results()["solved_step"])
+    if signum is not None and cut_short:
+        return interrupted(signum, last, trainer.global_step, say=trainer.is_global_zero)
     if trainer.is_global_zero:
-        summary = summarize(cfg, dm, model, trainer, throughput)
+        summary = summarize(cfg, dm, model, trainer)
         log_hparams(cfg, trainer, summary)
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(f"run_dir: {run_dir}")
@@ -218,11 +228,11 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def interrupted(checkpoint: Optional[Path], step: int) -> int:
-    """One line on stderr and 128 + signal, for a run a signal stopped at ``step``."""
-    signum = stopping.received()
+def interrupted(signum: int, checkpoint: Optional[Path], step: int, say: bool = True) -> int:
+    """One line on stderr (``say``: rank 0's) and 128 + signal, for a run signal ``signum`` stopped at ``step``."""
     saved = f"checkpoint {checkpoint} at step {step}; resume=auto continues" if checkpoint else "before training"
-    print(f"stopped by {signal.Signals(signum).name}: {saved}", file=sys.stderr)
+    if say:
+        print(f"stopped by {signal.Signals(signum).name}: {saved}", file=sys.stderr)
     return 128 + signum
 
 

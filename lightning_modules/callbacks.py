@@ -83,10 +83,13 @@ class Throughput(L.Callback):
         self.wall_s = now - self._start
         if self._first is not None and trainer.global_step > self._first_step:
             self.rate_s, self.rate_steps = now - self._first, trainer.global_step - self._first_step
-        elif trainer.global_step > self._start_step:
-            self.rate_s, self.rate_steps = self.wall_s, trainer.global_step - self._start_step
             if trainer.global_step > self._mark_step:
                 self._log(trainer, (trainer.global_step - self._mark_step) * self.samples_per_step / (now - self._mark))
+        elif trainer.global_step > self._start_step:
+            self.rate_s, self.rate_steps = self.wall_s, trainer.global_step - self._start_step
+        # callback_metrics travel back from ddp_spawn workers, where this callback ran, to the main process
+        trainer.callback_metrics.update({"run/samples_per_s": torch.tensor(self.samples_per_s, dtype=torch.float64),
+                                         "run/train_wall_s": torch.tensor(self.wall_s, dtype=torch.float64)})
 
     @staticmethod
     def _log(trainer, rate: float) -> None:

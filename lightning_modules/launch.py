@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from config import Config, ConfigError, to_yaml
@@ -59,6 +60,16 @@ def shared_run_dir(cfg: Config, trainer: L.Trainer, adopt_checkpoint_home: bool 
         raise ConfigError("run_dir: required when torchrun starts the ranks without --rdzv-id "
                           "(every rank must name the same directory; see docs/multinode.md)")
     return None
+
+
+def check_devices(cfg: Config) -> None:
+    """Refuse, before Lightning sees them, device requests this machine cannot meet."""
+    t = cfg.trainer
+    if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator: {t.accelerator!r} needs a CUDA GPU and none is available here "
+                          "(trainer=cpu trains on the CPU)")
+    if isinstance(t.devices, list) and len(set(t.devices)) != len(t.devices):
+        raise ConfigError(f"trainer.devices: {list(t.devices)} names a device more than once")
 
 
 def check_cluster(cfg: Config, trainer: L.Trainer) -> None:

@@ -29,6 +29,12 @@ def received() -> Optional[int]:
     return _received
 
 
+def stopped_by(trainer: L.Trainer) -> Optional[int]:
+    """The signal that ended ``trainer``'s fit early (set by StopOnSignal on every rank), or None."""
+    signum = trainer.callback_metrics.get("run/stop_signal")
+    return None if signum is None else int(signum)
+
+
 def _handler(signum: int, frame) -> None:
     global _received
     if _received is not None:  # asked twice: stop now
@@ -57,7 +63,6 @@ class StopOnSignal(L.Callback):
     """
 
     def __init__(self):
-        self.stopped_at: Optional[int] = None  # the step at which the signal ended training
         self._group = None
         self._flag: Optional[torch.Tensor] = None
         self._work = None
@@ -75,8 +80,8 @@ class StopOnSignal(L.Callback):
         stop = requested()
         if self._group is not None:
             stop = self._agreed(stop)
-        if stop:
-            self.stopped_at = trainer.global_step
+        if stop:  # callback_metrics travel back from ddp_spawn workers to the main process
+            trainer.callback_metrics["run/stop_signal"] = torch.tensor(received() or signal.SIGTERM)
             trainer.should_stop = True
 
     def _agreed(self, local: bool) -> bool:

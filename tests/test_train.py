@@ -5,8 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from config import CONFIG_DIR, ConfigError, compose
+from procs import clean_env, one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -95,3 +97,38 @@ def test_every_experiment_preset_runs(tmp_path, preset):
     evaluated = [e.step for e in events.Scalars(tag)]  # SGD steps, each evaluation written once
     assert evaluated == list(range(10, summary["steps"] + 1, 10)), evaluated
     assert [e.step for e in events.Scalars("train/loss")][-1] == summary["steps"]
+
+
+MACHINE = {  # requests this machine cannot meet: refused before Lightning or a run directory sees them
+    "trainer.accelerator=tpu": "trainer: ",
+    "trainer.devices=[0,0] trainer.accelerator=cpu": "trainer.devices: [0, 0] names a device more than once",
+    "trainer.num_nodes=2 trainer.accelerator=cpu": "trainer.num_nodes: 2 nodes need a cluster launcher",
+    "trainer.strategy=fsdp trainer.accelerator=cpu": "trainer: ",
+}
+if not torch.cuda.is_available():
+    MACHINE.update({"trainer=gpu": "trainer.accelerator: 'gpu' needs a CUDA GPU",
+                    "trainer.accelerator=gpu": "trainer.accelerator: 'gpu' needs a CUDA GPU"})
+
+
+@pytest.mark.parametrize("args", MACHINE)
+def test_requests_the_machine_cannot_meet_are_one_line_and_write_nothing(tmp_path, args):
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "trainer.progress_bar=false", *args.split()],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env=clean_env())
+    one_error_line(done, MACHINE[args])
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_run_that_ends_in_its_first_batch_reports_its_rate(tmp_path):
+    done = train(tmp_path, f"run_dir={tmp_path / 'run'}", "trainer.max_steps=1", "eval.every_n_steps=1",
+                 "checkpoint.every_n_steps=1", "eval.size=64")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["samples_per_s"] > 0
+
+
+def test_ddp_spawn_workers_are_quiet_and_their_figures_reach_the_summary(tmp_path):
+    done = train(tmp_path, f"run_dir={tmp_path / 'run'}", "trainer.devices=2", "trainer.strategy=ddp_spawn",
+                 "trainer.max_steps=100", "eval.every_n_steps=50", "checkpoint.every_n_steps=50", "eval.size=64")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.strip() == "", done.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["samples_per_s"] > 0 and summary["train_wall_s"] > 0 and summary["world_size"] == 2

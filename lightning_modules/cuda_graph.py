@@ -92,7 +92,7 @@ def _graphs(model, key: tuple) -> dict:
 def plain_sgd_steps(model, xs: torch.Tensor, ys: torch.Tensor, opt) -> torch.Tensor:
     """``model.plain_sgd_steps(xs, ys, opt)``, for CUDA tensors as a replayed CUDA graph (the same bits)."""
     if not uses_graph(xs.device):
-        _announce(f"train path: plain-SGD step, eager ({xs.device.type})")
+        _announce(f"train path: plain-SGD step without a CUDA graph ({xs.device.type})")
         return model.plain_sgd_steps(xs, ys, opt)
     _announce("train path: plain-SGD step as a CUDA graph")
     key = graph_key(model, xs, ys, opt.optimizer.param_groups[0]["lr"])

@@ -80,7 +80,7 @@ def test_cpu_training_runs_the_eager_step_unchanged(monkeypatch, caplog):
     assert trainer.global_step == 300
     assert_same_weights(trained, eager_reference(cfg, torch.device("cpu"), [100] * 3))
     assert not hasattr(trained, "_step_graphs")  # no graph bookkeeping off CUDA
-    assert "train path: plain-SGD step, eager (cpu)" in caplog.messages
+    assert "train path: plain-SGD step without a CUDA graph (cpu)" in caplog.messages
 
 
 def test_a_graph_key_changes_with_what_a_capture_bakes_in():

@@ -74,13 +74,14 @@ done
 if ((${#missing[@]})); then
     step install 30 "$PY" -m pip install --no-index --find-links device_wheels "${missing[@]}"
 fi
-step gpu_tests 140 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
+step gpu_tests_cuda_graph 75 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_cuda_graph.py
+step gpu_tests_others 100 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests --ignore=tests/test_cuda_graph.py
 for ensemble in 1 64 1024; do
-    step "train_throughput_e$ensemble" 60 "$PY" -m benchmarks.train_throughput --device cuda --steps 2000 \
+    step "train_throughput_e$ensemble" 50 "$PY" -m benchmarks.train_throughput --device cuda --steps 2000 \
         --repeats 1 --ensemble "$ensemble" --json "${PREFIX}_train_throughput_e$ensemble.json"
 done
-step bitgen 45 "$PY" -m benchmarks.bitgen --repeats 3 --json "${PREFIX}_bitgen.json"
-step attention 50 "$PY" -m benchmarks.attention --head-dims 64 128 --seqs 512 2048 --json "${PREFIX}_attention.json"
+step bitgen 35 "$PY" -m benchmarks.bitgen --repeats 3 --json "${PREFIX}_bitgen.json"
+step attention 45 "$PY" -m benchmarks.attention --head-dims 64 128 --seqs 512 2048 --json "${PREFIX}_attention.json"
 
 STEPS=$(printf '%s\n' "${NAMES[@]}") OUTCOMES=$(printf '%s\n' "${STATUS[@]}") TIMES=$(printf '%s\n' "${SECS[@]}") \
     PREFIX=$PREFIX TAG=$TAG "$PY" - <<'EOF'

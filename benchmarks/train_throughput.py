@@ -1,17 +1,18 @@
 """Training throughput: train.py's Lightning step against a plain PyTorch loop, side by side.
 
     python -m benchmarks.train_throughput [--steps 20000] [--ensemble 1] [--repeats 3] [--json PATH]
-                                          [--breakdown] [--compile]
+                                          [--breakdown] [--compile] [--device cpu|cuda]
 
 The Lightning side is train.py itself (a subprocess; its summary.json gives steps and training wall
 time, data generation included). The plain side is the textbook loop doing the identical update —
 nn.Linear MLP, hinge loss, torch.optim.SGD — timed twice: drawing each step's batch with torch.randint
 (as a plain training script does; train.py pays for its data too), and with all data generated before
 the clock starts (it pays for nothing but the update). Rates are member-steps/s: an ensemble of E
-counts E per step. ``--compile`` runs train.py with kernels.compile=true.
+counts E per step. ``--compile`` runs train.py with kernels.compile=true. ``--device cuda`` runs both sides
+on the GPU (train.py with trainer.accelerator=gpu: its plain-SGD step replays as a CUDA graph).
 ``--breakdown`` adds, in this process, where an ensemble step's time goes: data generation and the fused
-plain-SGD step train.py runs (each eager and C++), and the same step as hand-written gradients +
-torch.optim.SGD.
+plain-SGD step train.py runs (each eager and C++; on a GPU eager and as a CUDA graph), and the same step as
+hand-written gradients + torch.optim.SGD.
 """
 import argparse
 import json
@@ -30,14 +31,21 @@ ROOT = Path(__file__).resolve().parents[1]
 BATCH = 32  # the default experiment's batch, used by both sides
 
 
-def lightning_rate(steps: int, ensemble: int, threads: int, compile: bool) -> float:
-    """Member-steps/s of `python train.py` on the default experiment, CPU, no eval until the end.
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a CUDA clock reads nothing but launches otherwise)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def lightning_rate(steps: int, ensemble: int, threads: int, compile: bool, device: torch.device) -> float:
+    """Member-steps/s of `python train.py` on the default experiment, no eval until the end.
 
     summary.json's samples_per_s is timed from the end of the first batch (start-up excluded);
     the plain loop likewise starts its clock after building the model and the data.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "train.py", f"run_dir={tmp}/run", "trainer.accelerator=cpu",
+        accelerator = "gpu" if device.type == "cuda" else "cpu"
+        cmd = [sys.executable, "train.py", f"run_dir={tmp}/run", f"trainer.accelerator={accelerator}",
                f"trainer.max_steps={steps}", f"eval.every_n_steps={steps}", f"checkpoint.every_n_steps={steps}",
                f"model.ensemble={ensemble}", f"trainer.cpu_threads={threads}", "trainer.progress_bar=false",
                "eval.hidden_progress=false", f"kernels.compile={str(compile).lower()}"]
@@ -46,21 +54,22 @@ def lightning_rate(steps: int, ensemble: int, threads: int, compile: bool) -> fl
     return summary["samples_per_s"] / BATCH  # samples = steps x batch x members
 
 
-def plain_rate(steps: int, with_data: bool, n: int = 50, width: int = 100, batch: int = BATCH,
-               lr: float = 0.1) -> float:
+def plain_rate(steps: int, with_data: bool, device: torch.device, n: int = 50, width: int = 100,
+               batch: int = BATCH, lr: float = 0.1) -> float:
     """Steps/s of the plain loop: forward, hinge loss, backward, SGD step; ``with_data``: each step first
     draws its batch (torch.randint, the label a product of secret columns), else all data is made up front."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(n, width), nn.ReLU(), nn.Linear(width, 1))
+    model = nn.Sequential(nn.Linear(n, width), nn.ReLU(), nn.Linear(width, 1)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    secret = torch.tensor([0, 1, 2])
+    secret = torch.tensor([0, 1, 2], device=device)
     if not with_data:
-        xs = torch.randint(0, 2, (steps, batch, n)).float().mul_(-2).add_(1)
+        xs = torch.randint(0, 2, (steps, batch, n), device=device).float().mul_(-2).add_(1)
         ys = xs[:, :, secret].prod(-1)
+    synchronize(device)
     start = time.perf_counter()
     for t in range(steps):
         if with_data:
-            x = torch.randint(0, 2, (batch, n)).float().mul_(-2).add_(1)
+            x = torch.randint(0, 2, (batch, n), device=device).float().mul_(-2).add_(1)
             y = x[:, secret].prod(-1)
         else:
             x, y = xs[t], ys[t]
@@ -68,23 +77,23 @@ def plain_rate(steps: int, with_data: bool, n: int = 50, width: int = 100, batch
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    synchronize(device)
     return steps / (time.perf_counter() - start)
 
 
-def breakdown(ensemble: int, steps: int = 100, repeats: int = 5) -> dict[str, float]:
+def breakdown(ensemble: int, device: torch.device, steps: int = 100, repeats: int = 5) -> dict[str, float]:
     """Member-steps/s of each part of an ensemble step (best of ``repeats`` runs of ``steps`` steps)."""
     from types import SimpleNamespace
 
     from config import compose
     from datamodules.parity import ParityDataModule, Ticket, pm1
+    from lightning_modules import cuda_graph
     from lightning_modules.parity_mlp import ParityMLP
 
     cfg = compose(["experiment=parity_mlp", f"model.ensemble={ensemble}"])
-    data, model, cpu = ParityDataModule(cfg), ParityMLP(cfg), torch.device("cpu")
+    data, model = ParityDataModule(cfg), ParityMLP(cfg).to(device)
     ticket = Ticket(0, steps, 0, 1)
-    batch = data.generate(ticket, cpu)
-    compiled_cfg = compose(["experiment=parity_mlp", f"model.ensemble={ensemble}", "kernels.compile=true"])
-    compiled, compiled_model = ParityDataModule(compiled_cfg), ParityMLP(compiled_cfg)
+    batch = data.generate(ticket, device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, foreach=True)
     wrapped = SimpleNamespace(optimizer=opt, _on_before_step=lambda: None, _on_after_step=lambda: None)
     params = [model.w1, model.b1, model.w2, model.b2]
@@ -95,20 +104,43 @@ def breakdown(ensemble: int, steps: int = 100, repeats: int = 5) -> dict[str, fl
                 p.grad = grad
             opt.step()
 
-    parts = {"data generation": lambda: data.generate(ticket, cpu),
-             "data generation, C++ (kernels.compile)": lambda: compiled.generate(ticket, cpu),
-             "fused SGD step (train.py)": lambda: model.plain_sgd_steps(batch.x, batch.y, wrapped),
-             "fused SGD step, C++ (kernels.compile)": lambda: compiled_model.plain_sgd_steps(batch.x, batch.y, wrapped),
-             "gradients + torch.optim.SGD": optimizer_steps}
-    rates = {}
+    parts = {"data generation": lambda: data.generate(ticket, device)}
+    if device.type == "cuda":  # train.py's step is the graph; a key's first call is eager, its second captures
+        graphed = ParityMLP(cfg).to(device)
+        parts["fused SGD step, eager"] = lambda: model.plain_sgd_steps(batch.x, batch.y, wrapped)
+        parts["fused SGD step as a CUDA graph (train.py)"] = \
+            lambda: cuda_graph.plain_sgd_steps(graphed, batch.x, batch.y, wrapped)
+    else:
+        compiled_cfg = compose(["experiment=parity_mlp", f"model.ensemble={ensemble}", "kernels.compile=true"])
+        compiled, compiled_model = ParityDataModule(compiled_cfg), ParityMLP(compiled_cfg)
+        parts["data generation, C++ (kernels.compile)"] = lambda: compiled.generate(ticket, device)
+        parts["fused SGD step (train.py)"] = lambda: model.plain_sgd_steps(batch.x, batch.y, wrapped)
+        parts["fused SGD step, C++ (kernels.compile)"] = \
+            lambda: compiled_model.plain_sgd_steps(batch.x, batch.y, wrapped)
+    parts["gradients + torch.optim.SGD"] = optimizer_steps
+    rates, warm_up = {}, 2 if device.type == "cuda" else 1  # on a GPU the second run captures the graph
     for name, part in parts.items():
         times = []
-        for _ in range(repeats + 1):  # the first run warms up
+        for _ in range(repeats + warm_up):
+            synchronize(device)
             start = time.perf_counter()
             part()
+            synchronize(device)
             times.append(time.perf_counter() - start)
-        rates[name] = steps * ensemble / min(times[1:])
+        rates[name] = steps * ensemble / min(times[warm_up:])
     return rates
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of triton and lightning, None where one is missing."""
+    from importlib.metadata import PackageNotFoundError, version
+    versions = {}
+    for name in ("triton", "lightning"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def cpu_name() -> str:
@@ -130,26 +162,32 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true", help="also time the parts of an ensemble step")
     parser.add_argument("--compile", action="store_true", help="train.py with kernels.compile=true (C++ data "
                         "generation and SGD step; their one-off build is start-up, outside the rate)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both sides train")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, "error: --device cuda: no CUDA device is available\n")
+    device = torch.device(args.device)
     # similar wall time per side; an ensemble runs >= 10000 steps, so its one evaluation (E x 8192 held-out
     # samples, at the end) and first batch stay small parts of it
     lightning_steps = max(100 if args.ensemble == 1 else 10000, args.steps // args.ensemble // 100 * 100)
     torch.set_num_threads(args.threads)
     ours, plain, plain_data = [], [], []
     for _ in range(args.repeats):  # interleaved, so drifting machine load hits all sides alike
-        plain.append(plain_rate(args.steps, with_data=False))
-        plain_data.append(plain_rate(args.steps, with_data=True))
-        ours.append(lightning_rate(lightning_steps, args.ensemble, args.threads, args.compile))
+        plain.append(plain_rate(args.steps, with_data=False, device=device))
+        plain_data.append(plain_rate(args.steps, with_data=True, device=device))
+        ours.append(lightning_rate(lightning_steps, args.ensemble, args.threads, args.compile, device))
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     result = {
-        "device": platform.processor() or platform.machine(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "ensemble": args.ensemble, "compile": args.compile, "repeats": args.repeats,
+        "device": gpu or platform.processor() or platform.machine(), "device_type": device.type, "cpu": cpu_name(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, **library_versions(),
+        "ensemble": args.ensemble, "compile": args.compile, "repeats": args.repeats,
         "plain_steps_per_s": statistics.median(plain), "plain_with_data_steps_per_s": statistics.median(plain_data),
         "train_py_member_steps_per_s": statistics.median(ours),
     }
     result["ratio"] = result["train_py_member_steps_per_s"] / result["plain_steps_per_s"]
     result["ratio_with_data"] = result["train_py_member_steps_per_s"] / result["plain_with_data_steps_per_s"]
-    print(f"default parity MLP (n=50, width 100, batch 32, SGD), CPU, {result['threads']} threads, "
-          f"median of {args.repeats}")
+    where = gpu or f"CPU, {result['threads']} threads"
+    print(f"default parity MLP (n=50, width 100, batch 32, SGD), {where}, median of {args.repeats}")
     print(f"  plain PyTorch loop, data made up front   {result['plain_steps_per_s']:10.0f} steps/s")
     print(f"  plain PyTorch loop, data drawn each step {result['plain_with_data_steps_per_s']:10.0f} steps/s")
     print(f"  train.py (E={args.ensemble}{', kernels.compile' if args.compile else ''})"
@@ -158,10 +196,10 @@ def main() -> None:
     print(f"  ratio to the loop with its data made up front {result['ratio']:6.2f}x")
     print(f"  ratio to the loop drawing its data            {result['ratio_with_data']:6.2f}x")
     if args.breakdown:
-        result["breakdown_member_steps_per_s"] = breakdown(args.ensemble)
+        result["breakdown_member_steps_per_s"] = breakdown(args.ensemble, device)
         print(f"  parts of an E={args.ensemble} step, in process (best of 5):")
         for name, rate in result["breakdown_member_steps_per_s"].items():
-            print(f"    {name:30s}{rate:10.0f} member-steps/s ({rate / result['plain_steps_per_s']:.1f}x)")
+            print(f"    {name:42s}{rate:10.0f} member-steps/s ({rate / result['plain_steps_per_s']:.1f}x)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from config import Config
 from datamodules.parity import pm1
-from lightning_modules import stopping
+from lightning_modules import cuda_graph, stopping
 from lightning_modules.callbacks import log_evaluation
 from lightning_modules.hidden_progress import HiddenProgress
 
@@ -205,7 +205,7 @@ class ParityMLP(L.LightningModule):
         distributed = self.trainer.world_size > 1
         o = self.cfg.optim
         plain_sgd = o.name == "sgd" and o.momentum == 0 and o.weight_decay == 0 and not distributed
-        losses = [self.plain_sgd_steps(batch.x, batch.y, opt)] if plain_sgd else []
+        losses = [cuda_graph.plain_sgd_steps(self, batch.x, batch.y, opt)] if plain_sgd else []  # CUDA: a graph
         for j in range(0 if plain_sgd else batch.x.shape[1]):  # momentum, weight decay, Adam, DDP
             x, y = pm1(batch.x[:, j]), batch.y[:, j]
             if distributed:  # DDP averages autograd gradients across ranks

@@ -65,8 +65,7 @@ class StepGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):  # records the kernels without running them: the weights stay put
             self.losses = model.plain_sgd_steps(self.xs, self.ys, uncounted)
-        if self.losses.shape[0] != xs.shape[1]:  # a stop signal cut the captured loop short
-            raise RuntimeError("a stop signal arrived while the SGD steps were being captured")
+        self.complete = self.losses.shape[0] == xs.shape[1]  # False: a stop signal cut the captured loop short
         self.replays = 0
 
     def replay(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
@@ -106,6 +105,9 @@ def plain_sgd_steps(model, xs: torch.Tensor, ys: torch.Tensor, opt) -> torch.Ten
         return model.plain_sgd_steps(xs, ys, opt)
     if graphs[key] is None:
         graphs[key] = StepGraph(model, xs, ys, opt.optimizer)
+        if not graphs[key].complete:  # nothing ran during the capture: the eager loop stops at its first step
+            del graphs[key]
+            return model.plain_sgd_steps(xs, ys, opt)
     losses = graphs[key].replay(xs, ys)
     count_steps(opt, xs.shape[1])
     return losses

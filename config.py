@@ -264,6 +264,7 @@ def _need(ok: bool, key: str, problem: str) -> None:
 # --- will it fit: the largest tensors of a run against the memory where they live ---------------
 EVAL_CHUNK = 2048  # held-out prompts per forward pass of a next-token evaluation (lightning_modules/next_token.py)
 FLOAT, INDEX = 4, 8  # bytes of a float32 and of an int64 token
+PROCESS = 2**29  # the process itself: Python, torch and Lightning (~0.5 GiB resident)
 
 
 class Term(NamedTuple):
@@ -287,7 +288,7 @@ def seq_len(d: DataConfig) -> int:
 
 
 def footprint(cfg: Config) -> list[Term]:
-    """The largest tensors one process of the run allocates at once (an estimate, from above)."""
+    """The largest tensors one process of the run holds at once: an estimate meant to err high."""
     d, m, t, e = cfg.data, cfg.model, cfg.trainer, cfg.eval
     world = _world_size(cfg) or 1
     every = math.gcd(e.every_n_steps, cfg.checkpoint.every_n_steps)
@@ -299,7 +300,8 @@ def footprint(cfg: Config) -> list[Term]:
         width = ("model.width", m.width, "model.width")
         terms = [Term("first layer, its initial copy, gradient and optimizer state", [("4", 4, None), E, width, n],
                       FLOAT),
-                 Term("held-out set", [E, ("eval.size", e.size, "eval.size"), n], FLOAT),
+                 Term("held-out set, its generation and the Fourier gap's copy",
+                      [("3", 3, None), E, ("eval.size", e.size, "eval.size"), n], FLOAT),
                  Term("training batch", [E, *per_batch, n], FLOAT),
                  Term("hidden activations and their gradient", [("2", 2, None), E, local, width], FLOAT)]
         if math.comb(d.n, d.k) > 2048:  # the Fourier gap's random k-subsets: rand + argsort (hidden_progress.py)
@@ -316,11 +318,13 @@ def footprint(cfg: Config) -> list[Term]:
         depth, D = ("model.depth", m.depth, "model.depth"), ("model.d_model", m.d_model, "model.d_model")
         return terms + [Term("weights, gradients and Adam state", [("4 x 12", 48, None), depth, D, D], FLOAT),
                         Term("activations kept for the backward pass", [("16", 16, None), local, T, depth, D], FLOAT),
-                        Term("evaluation KV cache", [("2", 2, None), depth, chunk, T, D], FLOAT)]
+                        Term("evaluation pass: KV cache and activations",
+                             [("2 x model.depth + 12", 2 * m.depth + 12, "model.depth"), chunk, T, D], FLOAT)]
     out = vocab if m.kind == "linear" else ("model.width", m.width, "model.width")
     terms += [Term("CausalLinear blocks, gradient and Adam state", [("2", 2, None), T, T, vocab, out], FLOAT),
-              Term("assembled CausalLinear matrix and its gradient", [("2", 2, None), T, T, vocab, out], FLOAT),
-              Term("evaluation prefix sums", [chunk, T, out], FLOAT)]
+              Term("assembled CausalLinear matrix, its gradient and the generation cache's copy",
+                   [("3", 3, None), T, T, vocab, out], FLOAT),
+              Term("evaluation pass: prefix sums and activations", [("5", 5, None), chunk, T, out], FLOAT)]
     if m.kind == "mlp":
         depth = ("model.depth", m.depth, "model.depth")
         terms.append(Term("hidden activations", [("2", 2, None), local, T, out, depth], FLOAT))
@@ -335,7 +339,7 @@ def check_memory(cfg: Config) -> None:
     available, where = free
     terms = footprint(cfg)
     processes = _local_processes(cfg) if where.startswith("host") else 1
-    total = processes * sum(term.bytes for term in terms)
+    total = processes * (PROCESS + sum(term.bytes for term in terms))
     if total <= available:
         return
     worst = max(terms, key=lambda term: term.bytes)

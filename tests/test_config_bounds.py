@@ -78,7 +78,7 @@ def test_sizes_past_the_memory_are_refused_with_the_estimate(monkeypatch, args, 
 
 def test_cpu_processes_on_one_host_each_count(monkeypatch):
     args = ["trainer.accelerator=cpu", "data.n=200", "model.width=100000", "eval.size=1024"]
-    one = sum(t.bytes for t in footprint(compose(args, machine=False)))
+    one = config.PROCESS + sum(t.bytes for t in footprint(compose(args, machine=False)))
     monkeypatch.setattr(config, "available_memory", lambda cfg: (int(1.5 * one), "host memory of the test"))
     compose(args)
     with pytest.raises(ConfigError, match=r"^model\.width: .*\(2 processes on this host; "):

@@ -304,7 +304,8 @@ def footprint(cfg: Config) -> list[Term]:
                       [("3", 3, None), E, ("eval.size", e.size, "eval.size"), n], FLOAT),
                  Term("training batch", [E, *per_batch, n], FLOAT),
                  Term("hidden activations and their gradient", [("2", 2, None), E, local, width], FLOAT)]
-        if math.comb(d.n, d.k) > 2048:  # the Fourier gap's random k-subsets: rand + argsort (hidden_progress.py)
+        sampled = math.comb(d.n, d.k) > 2048 if d.n <= 2048 else d.k < d.n  # C(n, k) >= n for 0 < k < n
+        if sampled:  # the Fourier gap's random k-subsets: rand + argsort (hidden_progress.py)
             terms.append(Term("Fourier-gap subset draws", [("4096", 4096, None), n], FLOAT + INDEX))
         elif d.n <= 16 and e.hidden_progress:  # its exact transform over the whole boolean cube
             terms.append(Term("outputs on the boolean cube", [E, ("2**data.n", 2**d.n, "data.n")], 2 * FLOAT))

@@ -6,10 +6,18 @@
 ``--with key=v1,v2,...`` moves a key along with the --grid axis before it (one value per value of that
 axis: e.g. a step budget and an evaluation interval per k). Every cell of the grid is one train.py run
 (its ensemble members are the seeds) in DIR/runs/<cell>;
-finished cells (summary.json written under the same config) are reused, so a sweep can be resumed
-or collected after a SLURM array job. Writes DIR/results.csv (one row per member), DIR/results.json
-(per cell: success probability and median solved_step; per k: the log-log exponent of the median
-against n with a bootstrap 95% interval, alpha = exponent / k) and DIR/scaling.png.
+finished cells (a readable summary.json written under the same config) are reused, so a sweep can be
+resumed or collected after a SLURM array job; a cell whose summary.json is unreadable is said so in one
+line and trained again. Writes DIR/results.csv (one row per member), DIR/results.json (per cell:
+success probability and median solved_step; per k: the log-log exponent of the median against n with a
+bootstrap 95% interval, alpha = exponent / k) and DIR/scaling.png.
+
+A cell finishes only if its train.py exits 0 and leaves a readable summary.json; any other exit (a
+status, or a signal that killed it) is reported with its train.log, and the other cells' results are
+still written (the status is then 1; with no finished cell, no results are written). SIGTERM or SIGINT
+to the sweep is passed on to the running cells (each runs in its own session, so it gets the signal
+once), which save a checkpoint and stop; no new cell starts, the finished cells' results are written,
+and the sweep exits with 128 + the signal.
 
 Unsolved members are censored at the budget (trainer.max_steps): they count as +inf in medians,
 so a cell whose median is censored is reported and left out of the fit, never silently dropped.
@@ -20,12 +28,16 @@ import itertools
 import json
 import math
 import shlex
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -48,9 +60,24 @@ class Cell:
     run_dir: Path
 
     @property
-    def done(self) -> bool:
-        config, summary = self.run_dir / "config.yaml", self.run_dir / "summary.json"
-        return summary.is_file() and config.is_file() and config.read_text() == to_yaml(self.cfg)
+    def trained_here(self) -> bool:
+        """Whether run_dir holds a run of this very config (its summary may still be missing or broken)."""
+        config = self.run_dir / "config.yaml"
+        return config.is_file() and config.read_text() == to_yaml(self.cfg)
+
+
+@dataclass
+class Outcome:
+    """What became of a cell: finished (with its summary), failed, interrupted or never started."""
+    cell: Cell
+    summary: Optional[dict] = None  # summary.json, when the cell finished
+    status: Optional[int] = None  # train.py's exit status (negative: killed by that signal); None: not run here
+    wall: float = 0.0
+    problem: str = ""  # why it did not finish
+
+
+class SummaryError(ValueError):
+    """A summary.json that is missing or cannot be read: one line."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -118,8 +145,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, list[str]], di
 
 
 def make_cells(overrides: list[str], grid: dict[str, list[str]], linked: dict[str, tuple[str, list[str]]],
-               out: Path) -> list[Cell]:
-    """Every cell, its config composed and validated now, before anything runs."""
+               out: Path, machine: bool = True) -> list[Cell]:
+    """Every cell, its config composed and validated now, before anything runs (``machine``: and checked
+    against this machine's free memory; not for a SLURM job, whose cells run elsewhere)."""
     cells = []
     for combo in itertools.product(*grid.values()):
         values = dict(zip(grid, combo))
@@ -129,7 +157,7 @@ def make_cells(overrides: list[str], grid: dict[str, list[str]], linked: dict[st
         args = ["trainer.progress_bar=false", *overrides, *(f"{k}={v}" for k, v in values.items()),
                 f"run_dir={run_dir}"]
         try:
-            cfg = compose(args)
+            cfg = compose(args, machine)
         except ConfigError as err:
             raise SweepError(f"cell {name}: {err}") from None
         cells.append(Cell(name, values, args, cfg, run_dir))
@@ -140,15 +168,78 @@ def command(cell: Cell) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), *cell.args]
 
 
-def run_cell(cell: Cell) -> tuple[Cell, int, float]:
-    """Train one cell (unless already done); returns (cell, exit status, wall seconds)."""
-    if cell.done:
-        return cell, 0, 0.0
-    cell.run_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(cell.run_dir / "train.log", "w") as log:
-        status = subprocess.run(command(cell), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
-    return cell, status, time.perf_counter() - start
+def read_summary(cell: Cell) -> dict:
+    """The cell's summary.json, checked to hold what the results need; SummaryError (one line) if not."""
+    path = cell.run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+        solved, accuracy, members = summary["solved_step"], summary["final_accuracy"], summary["members"]
+    except FileNotFoundError:
+        raise SummaryError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise SummaryError(f"{path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    per_member = isinstance(solved, list)
+    if (not isinstance(members, list) or not members or per_member != isinstance(accuracy, list)
+            or (per_member and not len(solved) == len(accuracy) == len(members))):
+        raise SummaryError(f"{path}: unreadable (solved_step, final_accuracy and members do not match)")
+    return summary
+
+
+def describe(status: int) -> str:
+    """An exit status in words: 'exit 2', 'exit 143 (SIGTERM)', 'killed by SIGKILL'."""
+    if status < 0:
+        return f"killed by {signal_name(-status)}"
+    return f"exit {status}" + (f" ({signal_name(status - 128)})" if status > 128 else "")
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+class Runner:
+    """Runs cells as train.py subprocesses, each in its own session, so that a signal reaches it once: from here."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen] = set()
+        self.stopped: Optional[int] = None  # the signal that stopped the sweep
+
+    def stop(self, signum: int, frame=None) -> None:
+        """Signal handler: start no more cells and pass the signal on to the running ones."""
+        with self.lock:
+            self.stopped = signum
+            for proc in self.running:
+                proc.send_signal(signum)
+
+    def run(self, cell: Cell) -> Outcome:
+        """Train one cell unless it already finished here; reused and finished cells come with their summary."""
+        if cell.trained_here and (cell.run_dir / "summary.json").exists():
+            try:
+                return Outcome(cell, read_summary(cell))
+            except SummaryError as err:
+                print(f"{cell.name}: {err}; training it again", flush=True)
+        start = time.perf_counter()
+        with self.lock:
+            if self.stopped is not None:
+                return Outcome(cell, problem="not run")
+            cell.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(cell.run_dir / "train.log", "w") as log:
+                proc = subprocess.Popen(command(cell), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+            self.running.add(proc)
+        status = proc.wait()
+        with self.lock:
+            self.running.discard(proc)
+        wall = time.perf_counter() - start
+        if status != 0:
+            return Outcome(cell, status=status, wall=wall, problem=describe(status))
+        try:
+            return Outcome(cell, read_summary(cell), status, wall)
+        except SummaryError as err:
+            return Outcome(cell, status=status, wall=wall, problem=f"exit 0 but {err}")
 
 
 def cost(cell: Cell) -> int:
@@ -156,23 +247,26 @@ def cost(cell: Cell) -> int:
     return c.trainer.max_steps * c.model.ensemble * c.data.n * c.model.width
 
 
-def run_all(cells: list[Cell], jobs: int) -> list[str]:
-    """Run the cells, most expensive first; returns the names of the failed ones."""
-    failed, order = [], sorted(cells, key=cost, reverse=True)
+def run_all(cells: list[Cell], jobs: int, runner: Runner) -> list[Outcome]:
+    """Run the cells, most expensive first, printing a line per cell as it ends."""
+    outcomes, order = [], sorted(cells, key=cost, reverse=True)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for i, (cell, status, wall) in enumerate(pool.map(run_cell, order), 1):
-            note = "reused" if wall == 0 else f"{wall:.1f} s"
-            if status:
-                failed.append(cell.name)
-                note = f"FAILED (exit {status}, see {cell.run_dir / 'train.log'})"
-            print(f"[{i}/{len(cells)}] {cell.name}: {note}", flush=True)
-    return failed
+        for i, outcome in enumerate(pool.map(runner.run, order), 1):
+            outcomes.append(outcome)
+            if outcome.summary is not None:
+                note = "reused" if outcome.status is None else f"{outcome.wall:.1f} s"
+            elif outcome.status is None:
+                note = "not run (the sweep was stopped)"
+            elif runner.stopped is not None:
+                note = f"stopped ({outcome.problem}; its checkpoint stays in {outcome.cell.run_dir})"
+            else:
+                note = f"FAILED ({outcome.problem}, see {outcome.cell.run_dir / 'train.log'})"
+            print(f"[{i}/{len(cells)}] {outcome.cell.name}: {note}", flush=True)
+    return outcomes
 
 
 def write_slurm(cells: list[Cell], out: Path, jobs: int | None) -> Path:
     """DIR/cells.txt (one train.py command a line) and DIR/sweep.sbatch, an array job over its lines."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "runs").mkdir(exist_ok=True)
     (out / "cells.txt").write_text("".join(shlex.join(command(c)) + "\n" for c in cells))
     throttle = f"%{jobs}" if jobs else ""
     script = out / "sweep.sbatch"
@@ -189,13 +283,12 @@ eval "$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(str((out / 'cells.tx
 
 
 # --- results -----------------------------------------------------------------------------------
-def member_steps(cell: Cell) -> tuple[dict, np.ndarray, list[float]]:
-    """(summary.json, solved steps with +inf for censored members, final accuracies) of a finished cell."""
-    summary = json.loads((cell.run_dir / "summary.json").read_text())
+def member_steps(summary: dict) -> tuple[np.ndarray, list[float]]:
+    """(solved steps with +inf for censored members, final accuracies) of a finished cell's summary."""
     solved, accuracy = summary["solved_step"], summary["final_accuracy"]
     solved, accuracy = (solved, accuracy) if isinstance(solved, list) else ([solved], [accuracy])
     steps = np.array([math.inf if s is None else float(s) for s in solved])
-    return summary, steps, accuracy
+    return steps, accuracy
 
 
 def fit_exponent(ns: np.ndarray, medians: np.ndarray) -> float:
@@ -219,11 +312,11 @@ def bootstrap_exponents(points: list[tuple[int, np.ndarray]], rng: np.random.Gen
     return np.array(exponents)
 
 
-def summarize(cells: list[Cell]) -> tuple[list[dict], list[dict]]:
+def summarize(finished: list[Outcome]) -> tuple[list[dict], list[dict]]:
     """(results.csv rows, results.json cells) of the finished cells."""
     rows, table = [], []
-    for cell in cells:
-        summary, steps, accuracy = member_steps(cell)
+    for cell, summary in ((o.cell, o.summary) for o in finished):
+        steps, accuracy = member_steps(summary)
         members, budget = summary["members"], cell.cfg.trainer.max_steps
         for member, step, acc in zip(members, steps, accuracy):
             rows.append({**cell.values, "seed": cell.cfg.seed, "member": member,
@@ -319,8 +412,8 @@ def plot(table: list[dict], fitted: list[dict], grid: dict[str, list[str]], path
     plt.close(fig)
 
 
-def write_results(cells: list[Cell], grid: dict[str, list[str]], out: Path, extra: dict) -> dict:
-    rows, table = summarize(cells)
+def write_results(finished: list[Outcome], grid: dict[str, list[str]], out: Path, extra: dict) -> dict:
+    rows, table = summarize(finished)
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -333,10 +426,21 @@ def write_results(cells: list[Cell], grid: dict[str, list[str]], out: Path, extr
     return results
 
 
+def prepare_out(out: Path) -> None:
+    """Make DIR/runs and check that files can be written there; SweepError (one line) if not."""
+    try:
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out / "runs"):
+            pass
+    except OSError as err:
+        raise SweepError(f"--out {out}: cannot write there ({err.strerror or err})") from None
+
+
 def main(argv: list[str]) -> int:
     try:
         args, grid, linked = parse(argv)
-        cells = make_cells(args.overrides, grid, linked, args.out)
+        cells = make_cells(args.overrides, grid, linked, args.out, machine=not args.slurm)
+        prepare_out(args.out)
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -345,13 +449,20 @@ def main(argv: list[str]) -> int:
         print(f"wrote {script} ({len(cells)} array tasks): sbatch {script}; afterwards rerun this command "
               "without --slurm to collect (finished cells are reused)")
         return 0
-    start = time.perf_counter()
-    failed = run_all(cells, args.jobs or 1)
-    finished = [c for c in cells if c.name not in failed]
+    start, runner = time.perf_counter(), Runner()
+    handlers = {sig: signal.signal(sig, runner.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        outcomes = run_all(cells, args.jobs or 1, runner)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    finished = [o for o in outcomes if o.summary is not None]
+    failed = [o.cell.name for o in outcomes if o.summary is None and o.status is not None]
+    not_run = [o.cell.name for o in outcomes if o.summary is None and o.status is None]
     wall = round(time.perf_counter() - start, 1)
     if finished:
         extra = {"linked": {k: dict(zip(grid[axis], items)) for k, (axis, items) in linked.items()},
-                 "overrides": args.overrides, "failed": failed, "jobs": args.jobs or 1,
+                 "overrides": args.overrides, "failed": failed, "not_run": not_run, "jobs": args.jobs or 1,
                  "wall_s": wall}  # of this invocation: reused cells cost nothing here
         results = write_results(finished, grid, args.out, extra)
         for fit in results["fits"]:
@@ -360,7 +471,15 @@ def main(argv: list[str]) -> int:
                 print(f"{fit['group']}: median solved_step ~ n^{fit['exponent']:.2f} (95% CI {lo:.2f}..{hi:.2f})"
                       + (f", alpha = {fit['alpha']:.2f}" if fit["alpha"] is not None else ""))
         print(f"wrote {args.out / 'results.csv'}, results.json, scaling.png ({wall} s)")
-    return 1 if failed else 0
+    written = f"results of the {len(finished)} finished written" if finished else "no results written"
+    if runner.stopped is not None:
+        print(f"error: stopped by {signal_name(runner.stopped)}: {len(failed)} cells stopped or failed, "
+              f"{len(not_run)} not run; {written} (run the same command again to go on)", file=sys.stderr)
+        return 128 + runner.stopped
+    if failed:
+        print(f"error: {len(failed)} of {len(cells)} cells failed ({', '.join(failed)}); {written}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""sweep.py end to end (bad input, SLURM array, censoring, the fit) and the ensemble it relies on."""
+"""sweep.py end to end (bad input, SLURM array, censoring, the fit, failing and stopped cells) and the ensemble
+it relies on."""
 import csv
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -124,6 +127,132 @@ def test_fit_recovers_a_known_exponent_from_synthetic_runs(tmp_path):
     assert fits[3]["excluded_censored"] == ["data.n=96_data.k=3"] and len(fits[3]["cells"]) == 5
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 12 * members and sum(r["censored"] == "1" for r in rows) >= 20
+
+
+# --- cells that fail, stop or leave a broken summary ----------------------------------------------
+FAKE_TRAIN = """
+import json, signal, sys, time
+from pathlib import Path
+args = dict(a.split("=", 1) for a in sys.argv[1:])
+run_dir, n = Path(args["run_dir"]), int(args["data.n"])
+summary = {"solved_step": [100, None], "final_accuracy": [1.0, 0.5], "members": [0, 1], "steps": 200}
+if n in (10, 20):  # finishes
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+elif n == 11:  # stopped: a checkpoint, no summary, 128 + SIGTERM
+    sys.exit(143)
+elif n == 12:  # exit 0 and no summary
+    pass
+elif n == 13:  # exit 0 and a truncated summary
+    (run_dir / "summary.json").write_text(json.dumps(summary)[:20])
+elif n == 14:  # killed by a signal
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.raise_signal(signal.SIGTERM)
+else:  # runs until a signal, then saves a checkpoint and exits 128 + signal
+    def stop(signum, frame):
+        (run_dir / "got_signal").write_text(str(signum))
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    (run_dir / "started").write_text("")
+    time.sleep(60)
+    sys.exit(1)
+"""
+
+
+@pytest.fixture
+def fake_train(tmp_path, monkeypatch):
+    """sweep.command runs FAKE_TRAIN, which does what data.n says, in place of train.py."""
+    import sweep as sweep_module
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    monkeypatch.setattr(sweep_module, "command", lambda cell: [sys.executable, str(script), *cell.args])
+    return sweep_module
+
+
+def test_failed_cells_are_reported_and_the_finished_ones_written(tmp_path, fake_train, capsys):
+    out = tmp_path / "sweep"
+    status = fake_train.main(["experiment=parity_mlp", "--grid", "data.n=10,11,12,13,14", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert status == 1
+    lines = {line.split(": ", 1)[0].split("] ")[-1]: line for line in printed.out.splitlines()}
+    assert "exit 143 (SIGTERM)" in lines["data.n=11"] and "train.log" in lines["data.n=11"]
+    assert "exit 0 but" in lines["data.n=12"] and "summary.json: missing" in lines["data.n=12"]
+    assert "exit 0 but" in lines["data.n=13"] and "unreadable" in lines["data.n=13"]
+    assert "killed by SIGTERM" in lines["data.n=14"]
+    assert printed.err.startswith("error: 4 of 5 cells failed") and len(printed.err.splitlines()) == 1
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {r["data.n"] for r in rows} == {"10"} and len(rows) == 2
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["failed"]) == ["data.n=11", "data.n=12", "data.n=13", "data.n=14"]
+
+
+def test_no_finished_cell_is_one_line_and_no_results(tmp_path, fake_train, capsys):
+    out = tmp_path / "sweep"
+    assert fake_train.main(["experiment=parity_mlp", "--grid", "data.n=11,12", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: 2 of 2 cells failed (data.n=12, data.n=11); no results written\n"
+    assert not (out / "results.csv").exists() and not (out / "results.json").exists()
+
+
+def test_an_unreadable_summary_of_a_reused_cell_is_one_line_and_trained_again(tmp_path, fake_train, capsys):
+    out = tmp_path / "sweep"
+    args = ["experiment=parity_mlp", "--grid", "data.n=10,20", "--out", str(out)]
+    assert fake_train.main(args) == 0
+    assert capsys.readouterr().out.count(": reused") == 0
+    for cell in fake_train.make_cells(["experiment=parity_mlp"], {"data.n": ["10", "20"]}, {}, out):
+        (cell.run_dir / "config.yaml").write_text(to_yaml(cell.cfg))  # as train.py would have written it
+    broken = out / "runs" / "data.n=20" / "summary.json"
+    broken.write_text(broken.read_text()[:25])
+    assert fake_train.main(args) == 0
+    printed = capsys.readouterr().out.splitlines()
+    again = [line for line in printed if line.endswith("; training it again")]
+    assert len(again) == 1 and again[0].startswith(f"data.n=20: {broken}: unreadable (JSONDecodeError: ")
+    assert any(line.endswith("data.n=10: reused") for line in printed)
+    assert json.loads(broken.read_text())["members"] == [0, 1]  # trained again: whole
+
+
+@pytest.mark.parametrize("where", ["file", "missing", "unwritable"])
+def test_out_that_cannot_be_written_is_one_line_exit_2_before_any_cell(tmp_path, where):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    unwritable = Path("/sys/paritylab-sweep") if os.geteuid() == 0 else tmp_path / "ro" / "sweep"  # root: sysfs
+    out = {"file": tmp_path / "file" / "sweep", "missing": Path("/proc/nonexistent/sweep"),
+           "unwritable": unwritable}[where]
+    result = sweep("experiment=parity_mlp", "--grid", "data.n=10", "--out", str(out))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"error: --out {out}: cannot write there") and len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_reaches_the_running_cells_and_the_finished_results_are_written(tmp_path, signum):
+    """Four cells, two at a time, most expensive first: n=23 finishes, n=22 and n=21 run until the signal
+    (passed on by the sweep), n=20 never starts."""
+    out = tmp_path / "sweep"
+    (tmp_path / "fake_train.py").write_text(FAKE_TRAIN.replace("n in (10, 20)", "n == 23"))
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import sweep; "
+            f"sweep.command = lambda cell: [sys.executable, {str(tmp_path / 'fake_train.py')!r}, *cell.args]; "
+            "sys.exit(sweep.main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, "experiment=parity_mlp", "--grid", "data.n=20,21,22,23",
+                             "--jobs", "2", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    runs = out / "runs"
+    deadline = time.monotonic() + 60
+    while not all((runs / f"data.n={n}" / "started").exists() for n in (21, 22)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, stderr
+    assert len(stderr.splitlines()) == 1 and stderr.startswith(f"error: stopped by {signum.name}: 2 cells "
+                                                               "stopped or failed, 1 not run; results of the 1 "
+                                                               "finished written"), stderr
+    for n in (21, 22):  # each got the signal once, from the sweep, and saved its checkpoint
+        assert (runs / f"data.n={n}" / "got_signal").read_text() == str(int(signum))
+        assert f"data.n={n}: stopped (exit {128 + signum} ({signum.name})" in stdout
+    assert "data.n=20: not run" in stdout and not (runs / "data.n=20").exists()
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {r["data.n"] for r in rows} == {"23"}
+    assert json.loads((out / "results.json").read_text())["not_run"] == ["data.n=20"]
 
 
 # --- the ensemble whose members a sweep counts as seeds ------------------------------------------

@@ -133,8 +133,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, list[str]], di
     if not grid:
         raise SweepError("--grid: at least one axis is needed (key=v1,v2,...)")
     for key in [arg.partition("=")[0] for arg in args.overrides] + list(grid) + list(linked):
-        if key == "run_dir":
-            raise SweepError("run_dir: set by the sweep (DIR/runs/<cell>)")
+        if key in ("run_dir", "resume"):
+            raise SweepError(f"{key}: set by the sweep (DIR/runs/<cell>, resume=auto: a stopped cell continues)")
     for arg in args.overrides:
         key = arg.partition("=")[0]
         if key in grid or key in linked:
@@ -155,7 +155,7 @@ def make_cells(overrides: list[str], grid: dict[str, list[str]], linked: dict[st
         values.update({k: items[grid[axis].index(values[axis])] for k, (axis, items) in linked.items()})
         run_dir = out / "runs" / name
         args = ["trainer.progress_bar=false", *overrides, *(f"{k}={v}" for k, v in values.items()),
-                f"run_dir={run_dir}"]
+                f"run_dir={run_dir}", "resume=auto"]  # a cell stopped by a signal continues from its checkpoint
         try:
             cfg = compose(args, machine)
         except ConfigError as err:

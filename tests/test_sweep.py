@@ -255,6 +255,31 @@ def test_a_signal_reaches_the_running_cells_and_the_finished_results_are_written
     assert json.loads((out / "results.json").read_text())["not_run"] == ["data.n=20"]
 
 
+def test_a_sweep_stopped_by_sigterm_continues_its_cell_from_the_checkpoint(tmp_path):
+    """The real train.py: SIGTERM to the sweep stops the cell at a step with a checkpoint; the same sweep
+    command again continues that cell (resume=auto) to its budget and writes the results."""
+    out = tmp_path / "sweep"
+    command = [sys.executable, "sweep.py", "trainer.accelerator=cpu", "data.k=6", "data.batch_size=4096",
+               "eval.size=64", "eval.every_n_steps=600", "checkpoint.every_n_steps=600", "trainer.max_steps=600",
+               "--grid", "data.n=40", "--out", str(out)]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cell = out / "runs" / "data.n=40"
+    deadline = time.monotonic() + 120
+    while not (cell / "tb").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    stopped = torch.load(cell / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < stopped < 600 and not (cell / "summary.json").exists()
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert json.loads((cell / "summary.json").read_text())["steps"] == 600
+    assert [r["cell"] for r in json.loads((out / "results.json").read_text())["cells"]] == ["data.n=40"]
+
+
 # --- the ensemble whose members a sweep counts as seeds ------------------------------------------
 def stub_optimizer(model: ParityMLP, lr: float) -> SimpleNamespace:
     """What plain_sgd_steps needs of Lightning's optimizer wrapper."""

@@ -174,7 +174,7 @@ MAX_DIGITS = 9  # multiply operands fit one 32-bit word and their product int64 
 
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Reject impossible values with one line naming the key."""
-    d, m, o, t = cfg.data, cfg.model, cfg.optim, cfg.trainer
+    d, o, t = cfg.data, cfg.optim, cfg.trainer
 
     for key, allowed in CHOICES.items():
         section, name = key.split(".")

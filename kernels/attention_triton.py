@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import dispatch
+
 LOG2E = math.log2(math.e)
 
 
@@ -280,7 +282,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
 
 
 # ------------------------------------------------------------------------------ block choices
-def _fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device):
+def _fwd_config(head_dim: int, dtype: torch.dtype, arch: int | None):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward.
 
     Interpreter: small tiles, so tests are fast yet still cross several blocks. GPU, 16-bit: the
@@ -289,14 +291,14 @@ def _fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device):
     is allowed) needs smaller tiles. Every GPU choice compiles for sm_90 without register spills
     (ptxas -v, Triton 3.9) and within A100 shared memory; speed is not yet measured.
     """
-    if device.type != "cuda":
+    if arch is None:
         return 32, 16, 4, 1
     if dtype == torch.float32:
         return {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (32, 16, 8, 2)}[head_dim]
     return 128, 64, 4 if head_dim <= 64 else 8, 3
 
 
-def _bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device):
+def _bwd_config(head_dim: int, dtype: torch.dtype, arch: int | None):
     """(BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages) for the backward.
 
     The dK/dV pass keeps a block of BLOCK_N1 keys (k, v, dk, dv) resident and streams BLOCK_M1
@@ -305,12 +307,12 @@ def _bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device):
     registers (4 warps spill in the causal dK/dV pass on sm_90). Before Hopper (no wgmma, so
     MMA operands live in registers) head_dim 128 halves the resident blocks, or dK/dV spills.
     """
-    if device.type != "cuda":
+    if arch is None:
         return 16, 32, 32, 16, 4, 1
     warps = 4 if head_dim <= 32 else 8
     if dtype == torch.float32:
         return 16, 32 if head_dim == 128 else 64, 64, 16, warps, 2
-    if head_dim == 128 and torch.cuda.get_device_capability(device)[0] < 9:
+    if head_dim == 128 and arch < 90:
         return 32, 64, 64, 32, warps, 3
     return 32, 128, 128, 32, warps, 3 if head_dim == 128 else 4
 
@@ -339,7 +341,7 @@ def flash_attn_forward(q, k, v, causal: bool, scale: float):
     B, H, N, D = q.shape
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    block_m, block_n, warps, stages = _fwd_config(D, q.dtype, q.device)
+    block_m, block_n, warps, stages = _fwd_config(D, q.dtype, dispatch.gpu_arch(q.device))
     grid = (triton.cdiv(N, block_m), B * H)
     with _on_device(q):
         _attn_fwd[grid](q, k, v, o, lse, *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v),
@@ -357,11 +359,12 @@ def flash_attn_backward(do, q, k, v, o, lse, causal: bool, scale: float):
     dk = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    m1, n1, m2, n2, warps, stages = _bwd_config(D, q.dtype, q.device)
+    arch = dispatch.gpu_arch(q.device)
+    m1, n1, m2, n2, warps, stages = _bwd_config(D, q.dtype, arch)
     ieee = _ieee(q.dtype)
     strides = (*_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do))
     with _on_device(q):
-        pre_m = 64 if q.device.type == "cuda" else 32
+        pre_m = 32 if arch is None else 64
         _bwd_preprocess[(triton.cdiv(N, pre_m), B * H)](
             o, do, delta, *_bhn_strides(o), *_bhn_strides(do), H, N, HEAD_DIM=D, BLOCK_M=pre_m)
         _attn_bwd_dkdv[(triton.cdiv(N, n1), B * H)](

@@ -103,6 +103,13 @@ def test_matches_reference_large_k_counts(n):
 
 
 @needs_triton
+@pytest.mark.parametrize("n,layout", [(50, "bits"), (513, "pm1"), (33, "tokens"), (4096, "bits")])
+def test_matches_reference_across_2_63(n, layout):
+    """Sample indices crossing 2**63 (the sign bit of an int64 index): still bit-exact."""
+    _assert_same(2**63 + 1, 2**63 - 37, 75 if n < 4096 else 5, n, _secret(n, 5, n), [1, 2**32 - 2], 0.2, layout)
+
+
+@needs_triton
 def test_single_stream_and_empty():
     x, y, cot = sparse_parity(1, 5, 9, 40, [3, 0, 39], stream=2**32 - 1, backend="triton", device=DEVICE)
     assert x.shape == (9, 40) and y.shape == (9,) and cot.shape == (9, 3)

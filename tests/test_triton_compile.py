@@ -70,10 +70,11 @@ def test_data_kernel_offsets_are_64_bit(quick):
 
 
 def test_bits_layout_stores_whole_16_byte_chunks(quick):
-    """n = 50 bits per row (rows not 16-byte aligned): vector stores, bytes only for the unaligned ends."""
+    """n = 50 bits per row (rows not 16-byte aligned): the (64 x 64) row tile goes out in 16-byte stores."""
     for arch in (80, 90):
         r = quick[0][("data n50 bits", arch, "_sparse_parity_kernel")]
-        assert r.vector_stores > 0 and r.scalar_byte_stores < r.vector_stores, (r.vector_stores, r.scalar_byte_stores)
+        assert (r.config["BLOCK_R"], r.config["INNER"], r.config["num_warps"]) == (64, 64, 4)
+        assert r.vector_stores * 16 * 32 * 4 == 64 * 64, (r.vector_stores, r.scalar_byte_stores)
 
 
 @pytest.mark.aot_full

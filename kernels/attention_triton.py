@@ -80,7 +80,10 @@ def _attn_fwd(Q, K, V, O, LSE,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, IEEE: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    start_m = tl.program_id(0) * BLOCK_M
+    if CAUSAL:  # heaviest first: the last query block sees the most keys, so it is scheduled first
+        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    else:
+        start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
@@ -139,42 +142,48 @@ def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_db, st
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
-                    lo, hi, offs_n, offs_d, N_CTX, qk_scale,
-                    BLOCK_M: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr):
-    # Works on transposed tiles (keys x queries). Out-of-range queries load q = dO = delta = 0,
-    # so they add exactly nothing to dV (dO = 0) or dK (dS = P * (0 - 0) = 0). Out-of-range keys
-    # (rows of this program past N_CTX) may overflow to inf/NaN, but rows never mix and those
-    # rows are never stored.
+def _bwd_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, stride_qn, stride_dn,
+               lo, hi, offs_n, offs_d, N_CTX, qk_scale, sm_scale,
+               BLOCK_M: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr):
+    # Transposed tiles (keys x queries), five matmuls per step: S^T = K Q^T, dP^T = V dO^T,
+    # dV += P^T dO, dK += dS^T Q, and dQ += dS K, added into the fp32 dQ with atomics.
+    # Out-of-range queries load q = dO = delta = 0, so they add nothing to dV (dO = 0) or dK
+    # (dS = P (0 - 0) = 0), and their dQ rows are never written. Out-of-range keys get P = 0: a
+    # zero-padded key's exp2(-lse2) may overflow, and unlike dK/dV rows, dQ mixes every key.
+    key_valid = offs_n[:, None] < N_CTX
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_valid = offs_m < N_CTX
         qT = tl.load(q_base + offs_m[None, :] * stride_qn + offs_d[:, None], mask=m_valid[None, :], other=0.0)
         lse2 = tl.load(lse_base + offs_m, mask=m_valid, other=0.0)
-        qkT = _dot(k, qT, tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), IEEE)
+        sT = _dot(k, qT, tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), IEEE) * qk_scale - lse2[None, :]
         if MASK:
-            pT = tl.math.exp2(tl.where(offs_m[None, :] >= offs_n[:, None], qkT * qk_scale - lse2[None, :],
-                                       float("-inf")))
+            keep = key_valid & (offs_m[None, :] >= offs_n[:, None])
         else:
-            pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+            keep = key_valid
+        pT = tl.math.exp2(tl.where(keep, sT, float("-inf")))
         do = tl.load(do_base + offs_m[:, None] * stride_dn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
         dv = _dot(pT.to(do.dtype), do, dv, IEEE)
         delta = tl.load(delta_base + offs_m, mask=m_valid, other=0.0)
         dpT = _dot(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), IEEE)
-        dsT = pT * (dpT - delta[None, :])
-        dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, IEEE)
+        dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
+        dk = _dot(dsT, tl.trans(qT), dk, IEEE)
+        dq = _dot(tl.trans(dsT), k, tl.zeros([BLOCK_M, k.shape[1]], dtype=tl.float32), IEEE)
+        tl.atomic_add(dq_base + offs_m[:, None] * k.shape[1] + offs_d[None, :], dq * sm_scale,
+                      mask=m_valid[:, None], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
-                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                   stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
-                   H, N_CTX, sm_scale, qk_scale,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, IEEE: tl.constexpr):
-    # One program per block of BLOCK_N keys; it walks over the queries in steps of BLOCK_M.
+def _attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
+              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
+              H, N_CTX, sm_scale, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    # One program per block of BLOCK_N keys; it walks over the queries in steps of BLOCK_M. Key block
+    # 0 sees every query, so in causal attention the first programs are the heaviest already.
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     start_n = tl.program_id(0) * BLOCK_N
     off_bh = tl.program_id(1)
@@ -184,6 +193,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     do_base = DO + off_b * stride_db + off_h * stride_dh
     lse_base = LSE + off_bh.to(tl.int64) * N_CTX
     delta_base = DELTA + off_bh.to(tl.int64) * N_CTX
+    dq_base = DQ + off_bh.to(tl.int64) * N_CTX * HEAD_DIM  # dQ, dK, dV: contiguous (batch, heads, seq, head_dim)
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -197,88 +207,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     lo = 0
     if CAUSAL:
         # the diagonal query blocks need the mask; queries past start_n + BLOCK_N see every key here
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
-                                 start_n, tl.minimum(start_n + BLOCK_N, N_CTX), offs_n, offs_d, N_CTX,
-                                 qk_scale, BLOCK_M, True, IEEE)
+        dk, dv = _bwd_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, stride_qn, stride_dn,
+                            start_n, tl.minimum(start_n + BLOCK_N, N_CTX), offs_n, offs_d, N_CTX,
+                            qk_scale, sm_scale, BLOCK_M, True, IEEE)
         lo = start_n + BLOCK_N
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
-                             lo, N_CTX, offs_n, offs_d, N_CTX, qk_scale, BLOCK_M, False, IEEE)
-    # dK = scale * dS^T Q; dK/dV are contiguous like the output of torch.empty(q.shape).
+    dk, dv = _bwd_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, stride_qn, stride_dn,
+                        lo, N_CTX, offs_n, offs_d, N_CTX, qk_scale, sm_scale, BLOCK_M, False, IEEE)
+    # dK = scale * dS^T Q
     out_offs = off_bh.to(tl.int64) * N_CTX * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=n_valid)
     tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=n_valid)
-
-
-@triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, hi,
-                  offs_m, offs_d, N_CTX, qk_scale,
-                  BLOCK_N: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr):
-    # MASK as in _fwd_inner. Masked scores become -inf before exp2, so P = 0 there (a zero-padded
-    # tail key could otherwise overflow exp2 to inf and turn dS * k = inf * 0 into NaN).
-    for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        cols = start_n + tl.arange(0, BLOCK_N)
-        kT_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
-        vT_ptrs = v_base + cols[None, :] * stride_vn + offs_d[:, None]
-        if MASK == 0:
-            kT = tl.load(kT_ptrs)
-            vT = tl.load(vT_ptrs)
-        else:
-            kT = tl.load(kT_ptrs, mask=cols[None, :] < N_CTX, other=0.0)
-            vT = tl.load(vT_ptrs, mask=cols[None, :] < N_CTX, other=0.0)
-        qk = _dot(q, kT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
-        s2 = qk * qk_scale - lse2[:, None]
-        if MASK == 1:
-            s2 = tl.where(offs_m[:, None] >= cols[None, :], s2, float("-inf"))
-        if MASK == 2:
-            s2 = tl.where((cols < N_CTX)[None, :], s2, float("-inf"))
-        p = tl.math.exp2(s2)
-        dp = _dot(do, vT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
-        ds = p * (dp - delta[:, None])
-        dq = _dot(ds.to(kT.dtype), tl.trans(kT), dq, IEEE)
-    return dq
-
-
-@triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
-                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                 stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
-                 H, N_CTX, sm_scale, qk_scale,
-                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CAUSAL: tl.constexpr, IEEE: tl.constexpr):
-    # One program per block of BLOCK_M queries; it walks over the keys in steps of BLOCK_N.
-    tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    m_valid = offs_m < N_CTX
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=m_valid[:, None], other=0.0)
-    do = tl.load(DO + off_b * stride_db + off_h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :],
-                 mask=m_valid[:, None], other=0.0)
-    lse2 = tl.load(LSE + off_bh.to(tl.int64) * N_CTX + offs_m, mask=m_valid, other=0.0)
-    delta = tl.load(DELTA + off_bh.to(tl.int64) * N_CTX + offs_m, mask=m_valid, other=0.0)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if CAUSAL:
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
-                           start_m, tl.minimum(start_m + BLOCK_M, N_CTX), offs_m, offs_d, N_CTX,
-                           qk_scale, BLOCK_N, 1, IEEE)
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
-                           0, start_m, offs_m, offs_d, N_CTX, qk_scale, BLOCK_N, 0, IEEE)
-    else:
-        n_full = (N_CTX // BLOCK_N) * BLOCK_N
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
-                           0, n_full, offs_m, offs_d, N_CTX, qk_scale, BLOCK_N, 0, IEEE)
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
-                           n_full, N_CTX, offs_m, offs_d, N_CTX, qk_scale, BLOCK_N, 2, IEEE)
-    out_offs = off_bh.to(tl.int64) * N_CTX * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DQ + out_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_valid[:, None])
 
 
 # ------------------------------------------------------------------------------ block choices
@@ -299,22 +237,18 @@ def _fwd_config(head_dim: int, dtype: torch.dtype, arch: int | None):
 
 
 def _bwd_config(head_dim: int, dtype: torch.dtype, arch: int | None):
-    """(BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages) for the backward.
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the backward.
 
-    The dK/dV pass keeps a block of BLOCK_N1 keys (k, v, dk, dv) resident and streams BLOCK_M1
-    queries; the dQ pass keeps BLOCK_M2 queries (q, dO, dq) and streams BLOCK_N2 keys (the
-    tutorial's 32/128/128/32 split). 8 warps from head_dim 64 on keep the resident state in
-    registers (4 warps spill in the causal dK/dV pass on sm_90). Before Hopper (no wgmma, so
-    MMA operands live in registers) head_dim 128 halves the resident blocks, or dK/dV spills.
+    A program keeps a block of BLOCK_N keys (k, v, dk, dv) resident and streams BLOCK_M queries.
     """
     if arch is None:
-        return 16, 32, 32, 16, 4, 1
+        return 16, 32, 4, 1
     warps = 4 if head_dim <= 32 else 8
     if dtype == torch.float32:
-        return 16, 32 if head_dim == 128 else 64, 64, 16, warps, 2
+        return 16, 32 if head_dim == 128 else 64, warps, 2
     if head_dim == 128 and arch < 90:
-        return 32, 64, 64, 32, warps, 3
-    return 32, 128, 128, 32, warps, 3 if head_dim == 128 else 4
+        return 32, 64, warps, 3
+    return 32, 128, warps, 3 if head_dim == 128 else 4
 
 
 def _ieee(dtype: torch.dtype) -> bool:
@@ -355,24 +289,20 @@ def flash_attn_backward(do, q, k, v, o, lse, causal: bool, scale: float):
     """Returns (dq, dk, dv), contiguous, given dO (any strides) and the forward's o and lse2."""
     do, q, k, v = _unit_stride(do, q, k, v)  # e.g. the stride-0 gradient of out.sum()
     B, H, N, D = q.shape
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     arch = dispatch.gpu_arch(q.device)
-    m1, n1, m2, n2, warps, stages = _bwd_config(D, q.dtype, arch)
-    ieee = _ieee(q.dtype)
+    block_m, block_n, warps, stages = _bwd_config(D, q.dtype, arch)
+    dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # dQ is accumulated with atomics
     strides = (*_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do))
     with _on_device(q):
         pre_m = 32 if arch is None else 64
         _bwd_preprocess[(triton.cdiv(N, pre_m), B * H)](
             o, do, delta, *_bhn_strides(o), *_bhn_strides(do), H, N, HEAD_DIM=D, BLOCK_M=pre_m)
-        _attn_bwd_dkdv[(triton.cdiv(N, n1), B * H)](
-            q, k, v, do, lse, delta, dk, dv, *strides, H, N, scale, scale * LOG2E,
-            HEAD_DIM=D, BLOCK_M=m1, BLOCK_N=n1, CAUSAL=causal, IEEE=ieee,
+        _attn_bwd[(triton.cdiv(N, block_n), B * H)](
+            q, k, v, do, lse, delta, dq32, dk, dv, *strides, H, N, scale, scale * LOG2E,
+            HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, IEEE=_ieee(q.dtype),
             num_warps=warps, num_stages=stages)
-        _attn_bwd_dq[(triton.cdiv(N, m2), B * H)](
-            q, k, v, do, lse, delta, dq, *strides, H, N, scale, scale * LOG2E,
-            HEAD_DIM=D, BLOCK_M=m2, BLOCK_N=n2, CAUSAL=causal, IEEE=ieee,
-            num_warps=warps, num_stages=stages)
+    dq = dq32 if q.dtype == torch.float32 else dq32.to(q.dtype)
     return dq, dk, dv

@@ -109,11 +109,11 @@ def capture(arch: int, case: str, sink: list[Launch]) -> Iterator[None]:
 
     def jit_run(self, *args, grid, warmup, **kwargs):
         args = tuple(_Pointer(a) if isinstance(a, torch.Tensor) else a for a in args)
-        sink.append(Launch(case, arch, self, tuple(grid), args, kwargs))
+        sink.append(Launch(case, arch, self, tuple(grid(kwargs) if callable(grid) else grid), args, kwargs))
 
-    def tuned_run(self, *args, **kwargs):
+    def tuned_run(self, *args, grid, warmup, **kwargs):
         for config in self.configs:  # every candidate autotuning may pick must compile
-            jit_run(self.fn, *args, **{**kwargs, **config.all_kwargs()}, warmup=False)
+            jit_run(self.fn, *args, grid=grid, warmup=False, **{**kwargs, **config.all_kwargs()})
 
     real_arch = dispatch.gpu_arch
     with mock.patch.object(JITFunction, "run", jit_run), mock.patch.object(Autotuner, "run", tuned_run), \
@@ -162,12 +162,17 @@ def _meta(*shape, dtype=torch.float16) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def _attention(dtype: torch.dtype, d: int, causal: bool, n: int, batch: int = 2, heads: int = 3) -> Callable[[], None]:
+def _attention(dtype: torch.dtype, d: int, causal: bool, n: int, tf32: bool = False) -> Callable[[], None]:
     def run():
         from kernels.attention_triton import flash_attn_backward, flash_attn_forward
-        q, k, v = (_meta(batch, heads, n, d, dtype=dtype) for _ in range(3))
-        o, lse = flash_attn_forward(q, k, v, causal, d ** -0.5)
-        flash_attn_backward(torch.empty_like(o), q, k, v, o, lse, causal, d ** -0.5)
+        q, k, v = (_meta(2, 3, n, d, dtype=dtype) for _ in range(3))
+        matmul, before = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
+        matmul.allow_tf32 = tf32
+        try:
+            o, lse = flash_attn_forward(q, k, v, causal, d ** -0.5)
+            flash_attn_backward(torch.empty_like(o), q, k, v, o, lse, causal, d ** -0.5)
+        finally:
+            matmul.allow_tf32 = before
     return run
 
 
@@ -197,6 +202,8 @@ def cases(tier: str) -> dict[str, Callable[[], None]]:
             for causal in (False, True):
                 for n in (1, 17, 1000, 1024):
                     out[f"attn {name} d{d}{' causal' if causal else ''} seq{n}"] = _attention(dtype, d, causal, n)
+                if dtype == torch.float32:  # torch.backends.cuda.matmul.allow_tf32: tensor-core dots
+                    out[f"attn tf32 d{d}{' causal' if causal else ''} seq1000"] = _attention(dtype, d, causal, 1000, True)
     for n in (1, 50, 513, 4096):
         for k in sorted({1, 3 if n > 3 else 1, n}):
             for layout in ("bits", "pm1", "tokens"):

@@ -1,4 +1,4 @@
-"""FlashAttention-2-style Triton kernels: forward with online softmax, backward in three passes.
+"""FlashAttention-2-style Triton kernels: forward with online softmax, backward in one pass.
 
 Layout: q, k, v, o, do are (batch, heads, seq, head_dim) with unit stride on head_dim (copied
 to that if not; other strides are free); lse and delta are contiguous float32 (batch, heads,
@@ -8,11 +8,21 @@ seq). Scores are kept in base 2: ``qk_scale = scale * log2(e)`` turns ``exp(scal
 P = exp2(qk_scale * s - lse2) with one rounding.
 
 Any seq >= 1: loads are masked on the sequence axis; out-of-range keys get zero probability,
-out-of-range queries load zeros (so they add nothing in the dK/dV pass) and are never stored.
+out-of-range queries load zeros (so they add nothing to dK/dV) and are never stored.
 Causal attention (square, top-left aligned like SDPA's ``is_causal``) uses two loop stages:
-blocks strictly below the diagonal without a mask, then the diagonal blocks with one.
+blocks strictly below the diagonal without a mask, then the diagonal blocks with one; the causal
+forward runs its query blocks heaviest (most keys) first, as FlashAttention does.
+
+The backward is FlashAttention-2's: after delta = rowsum(dO * O), one program per key block
+recomputes S and dP once per query block and makes dV, dK and dQ from them (5 matmuls per step,
+against 7 for separate dK/dV and dQ passes), adding its share of dQ into an fp32 buffer with
+atomics. The price: dQ's float summation order varies run to run on a GPU (not bitwise
+reproducible; the interpreter runs programs in order).
+On a GPU the forward is autotuned per sequence length over a per-family list of tile
+configurations; the interpreter runs one fixed configuration.
 """
 import contextlib
+import functools
 import math
 
 import torch
@@ -220,20 +230,51 @@ def _attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
 
 
 # ------------------------------------------------------------------------------ block choices
-def _fwd_config(head_dim: int, dtype: torch.dtype, arch: int | None):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward.
+# Forward autotuning candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages), per GPU family (sm_80:
+# A100-class, sm_90: H100-class) and head_dim: the configurations that kernels.aot compiles with no
+# register spills and within shared memory in every dtype and mode (tests/test_triton_compile.py
+# keeps it so; docs/kernels_compiled.md lists registers and shared memory). Left out for spilling or
+# sitting at 255 registers: 16-bit 128 x 64 tiles with 4 warps from head_dim 32 (sm_80) / 64 (sm_90)
+# on and every 128-row tile at head_dim 128 on sm_80; fp32 (no tensor cores unless TF32) 4-warp
+# tiles past 32 x 16 from head_dim 64 on, and everything but 32 x 16 with 8 warps at head_dim 128.
+_FWD_16BIT = {
+    80: {16: [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 4)],
+         32: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 4)],
+         64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 4)],
+         128: [(64, 32, 4, 4)]},
+    90: {16: [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 4)],
+         32: [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 4)],
+         64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 4)],
+         128: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]},
+}
+_FWD_FP32 = {16: [(64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2), (32, 16, 4, 2)],  # both families
+             32: [(64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2), (32, 16, 4, 2)],
+             64: [(64, 32, 8, 2), (32, 16, 4, 2), (32, 16, 8, 2)],
+             128: [(32, 16, 8, 2)]}
+SMEM_LIMIT = {80: 163 * 1024, 87: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}  # else 99 KiB (sm_86/89/120)
 
-    Interpreter: small tiles, so tests are fast yet still cross several blocks. GPU, 16-bit: the
-    tutorial / FA2 choice, 128 x 64 tiles, 3 stages; 8 warps at head_dim 128 (two warpgroups
-    share the 128 x 128 fp32 accumulator). fp32 (a correctness path, no tensor cores unless TF32
-    is allowed) needs smaller tiles. Every GPU choice compiles for sm_90 without register spills
-    (ptxas -v, Triton 3.9) and within A100 shared memory; speed is not yet measured.
+
+def _fwd_configs(head_dim: int, dtype: torch.dtype, arch: int | None) -> list[tuple[int, int, int, int]]:
+    """Forward (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates; autotuning picks one per shape on a GPU.
+
+    Interpreter: one small tile, so tests are fast yet still cross several blocks. GPU: the list of
+    the device's family, less the tiles whose K/V pipeline buffers (an upper bound: ``stages`` K and
+    V tiles plus the Q tile) exceed the device's shared memory; the smallest tile always stays.
     """
     if arch is None:
-        return 32, 16, 4, 1
-    if dtype == torch.float32:
-        return {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (32, 16, 8, 2)}[head_dim]
-    return 128, 64, 4 if head_dim <= 64 else 8, 3
+        return [(32, 16, 4, 1)]
+    family = 90 if arch >= 90 else 80
+    configs = _FWD_FP32[head_dim] if dtype == torch.float32 else _FWD_16BIT[family][head_dim]
+    limit, size = SMEM_LIMIT.get(arch, 99 * 1024), dtype.itemsize
+    fits = [c for c in configs if (2 * c[3] * c[1] + c[0]) * head_dim * size <= limit]
+    return fits or configs[-1:]
+
+
+@functools.cache
+def _fwd_tuner(configs: tuple[tuple[int, int, int, int], ...]):
+    """The forward autotuned over ``configs`` (one tuner per candidate list; keyed by sequence length)."""
+    return triton.autotune([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                            for m, n, w, st in configs], key=["N_CTX", "HEAD_DIM", "CAUSAL", "IEEE"])(_attn_fwd)
 
 
 def _bwd_config(head_dim: int, dtype: torch.dtype, arch: int | None):
@@ -275,13 +316,18 @@ def flash_attn_forward(q, k, v, causal: bool, scale: float):
     B, H, N, D = q.shape
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    block_m, block_n, warps, stages = _fwd_config(D, q.dtype, dispatch.gpu_arch(q.device))
-    grid = (triton.cdiv(N, block_m), B * H)
+    arch = dispatch.gpu_arch(q.device)
+    configs = _fwd_configs(D, q.dtype, arch)
+    args = (q, k, v, o, lse, *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(o),
+            H, N, scale * LOG2E)
+    meta = dict(HEAD_DIM=D, CAUSAL=causal, IEEE=_ieee(q.dtype))
     with _on_device(q):
-        _attn_fwd[grid](q, k, v, o, lse, *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v),
-                        *_bhn_strides(o), H, N, scale * LOG2E,
-                        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, IEEE=_ieee(q.dtype),
-                        num_warps=warps, num_stages=stages)
+        if arch is None:  # the interpreter: one fixed configuration, never autotuned
+            block_m, block_n, warps, stages = configs[0]
+            _attn_fwd[(triton.cdiv(N, block_m), B * H)](*args, BLOCK_M=block_m, BLOCK_N=block_n, **meta,
+                                                         num_warps=warps, num_stages=stages)
+        else:
+            _fwd_tuner(tuple(configs))[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)](*args, **meta)
     return o, lse
 
 

@@ -225,20 +225,21 @@ def run_tier(tier: str, targets=TARGETS) -> list[Result]:
 
 
 def table(results: list[Result]) -> str:
-    """Markdown: one row per distinct compiled configuration and target."""
-    rows, seen = [], set()
+    """Markdown: one row per target, kernel, pointer dtypes and configuration, over every case using it."""
+    groups: dict[tuple, list[Result]] = {}
     for r in results:
-        cfg = " ".join(f"{k}={v}" for k, v in r.config.items())
         dtypes = ",".join(sorted({v[1:] for v in r.signature.values() if v.startswith("*")}))
-        key = (r.arch, r.kernel, cfg, dtypes, r.regs, r.shared)
-        if key in seen:
-            continue
-        seen.add(key)
-        rows.append(f"| sm_{r.arch} | {r.kernel} | {dtypes} | {cfg} | {r.regs} | {r.spill_bytes} | "
-                    f"{r.shared / 1024:.1f} | {r.error or 'ok' if not r.problems() else 'FAIL'} |")
-    head = ("| target | kernel | pointer dtypes | configuration | registers | spill bytes | shared KiB | status |\n"
-            "|---|---|---|---|---|---|---|---|")
-    return "\n".join([head, *rows]) + "\n"
+        cfg = " ".join(f"{k}={v}" for k, v in r.config.items())
+        groups.setdefault((r.arch, r.kernel, dtypes, cfg), []).append(r)
+    rows = ["| target | kernel | pointer dtypes | configuration | launches | registers | spill bytes | "
+            "shared KiB | status |", "|---|---|---|---|---|---|---|---|---|"]
+    for (arch, kernel, dtypes, cfg), rs in sorted(groups.items()):
+        regs = sorted({r.regs for r in rs})
+        status = "ok" if not any(r.problems() for r in rs) else "FAIL: " + rs[0].problems()[0].split(": ", 1)[1]
+        rows.append(f"| sm_{arch} | {kernel} | {dtypes} | {cfg} | {len(rs)} | "
+                    f"{regs[0] if len(regs) == 1 else f'{regs[0]}-{regs[-1]}'} | "
+                    f"{max(r.spill_bytes for r in rs)} | {max(r.shared for r in rs) / 1024:.1f} | {status} |")
+    return "\n".join(rows) + "\n"
 
 
 def _ptxas_missing() -> str | None:

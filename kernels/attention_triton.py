@@ -277,19 +277,25 @@ def _fwd_tuner(configs: tuple[tuple[int, int, int, int], ...]):
                             for m, n, w, st in configs], key=["N_CTX", "HEAD_DIM", "CAUSAL", "IEEE"])(_attn_fwd)
 
 
-def _bwd_config(head_dim: int, dtype: torch.dtype, arch: int | None):
+# Backward (BLOCK_M, BLOCK_N, num_warps, num_stages) per GPU family and head_dim: the largest key
+# blocks (fewer dQ atomics) that kernels.aot compiles without spills in every dtype and mode. Before
+# Hopper (no wgmma: MMA operands live in registers) the resident k, v, dk, dv need smaller blocks.
+# Fixed, not autotuned: trials would have to re-zero the dQ accumulator between runs.
+_BWD_16BIT = {80: {16: (32, 64, 4, 3), 32: (16, 128, 8, 3), 64: (16, 64, 8, 3), 128: (16, 32, 8, 3)},
+              90: {16: (32, 128, 8, 3), 32: (32, 128, 8, 3), 64: (32, 128, 8, 3), 128: (32, 64, 8, 3)}}
+_BWD_FP32 = {16: (16, 64, 4, 2), 32: (16, 64, 8, 2), 64: (16, 32, 8, 2), 128: (16, 32, 8, 2)}  # both families
+
+
+def _bwd_config(head_dim: int, dtype: torch.dtype, arch: int | None) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the backward.
 
     A program keeps a block of BLOCK_N keys (k, v, dk, dv) resident and streams BLOCK_M queries.
     """
     if arch is None:
         return 16, 32, 4, 1
-    warps = 4 if head_dim <= 32 else 8
     if dtype == torch.float32:
-        return 16, 32 if head_dim == 128 else 64, warps, 2
-    if head_dim == 128 and arch < 90:
-        return 32, 64, warps, 3
-    return 32, 128, warps, 3 if head_dim == 128 else 4
+        return _BWD_FP32[head_dim]
+    return _BWD_16BIT[90 if arch >= 90 else 80][head_dim]
 
 
 def _ieee(dtype: torch.dtype) -> bool:

@@ -139,7 +139,8 @@ def compile_launch(launch: Launch, logs: dict) -> Result:
         with contextlib.redirect_stdout(out):
             kernel = launch.fn.warmup(*launch.args, grid=launch.grid, **launch.kwargs)
     except Exception as e:  # a compile error of any kind is this check's finding
-        res.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        lines = [line.strip() for line in str(e).splitlines() if line.strip().strip("^")]
+        res.error = f"{type(e).__name__}: {lines[-1] if lines else ''}"
         return res
     log = logs.setdefault(kernel.hash, out.getvalue())  # a cached kernel printed no log this time
     res.signature = {k: v for k, v in kernel.src.signature.items() if v != "constexpr"}

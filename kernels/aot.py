@@ -244,11 +244,14 @@ def table(results: list[Result]) -> str:
 
 
 def _ptxas_missing() -> str | None:
+    """Why nothing can be compiled here, or None: the wheel's ptxas (and, where Triton uses one for
+    sm_90+, ptxas-blackwell) must be present."""
     from triton import knobs
-    try:
-        knobs.nvidia.ptxas.path
-    except RuntimeError as e:
-        return f"the triton wheel has no ptxas ({e})"
+    for tool in ("ptxas", "ptxas_blackwell"):
+        try:
+            getattr(knobs.nvidia, tool, None)  # resolving the tool raises if its binary is missing
+        except RuntimeError as e:
+            return f"the triton wheel has no {tool.replace('_', '-')} ({e})"
     return None
 
 

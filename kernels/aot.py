@@ -266,9 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="paritylab-aot-")  # cold: ptxas must run
     skip = _ptxas_missing()
-    results = [] if skip else run_tier(args.tier)
+    with tempfile.TemporaryDirectory(prefix="paritylab-aot-") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache  # cold: ptxas must run for every kernel, so it logs
+        results = [] if skip else run_tier(args.tier)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"skip": skip, "results": [asdict(r) for r in results]}, f)

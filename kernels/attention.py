@@ -34,7 +34,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     ``causal=True`` masks key j > query i (top-left aligned, as SDPA's ``is_causal``).
     The Triton kernels take q, k, v of one shape (batch, heads, seq >= 1, head_dim in
     16/32/64/128) and one dtype (fp32/fp16/bf16; no bf16 under the CPU interpreter); anything
-    else runs SDPA, with one logged warning per kind of reason.
+    else runs SDPA, with one logged warning per kind of reason. On a GPU, ``backend="auto"`` runs
+    the Triton kernel only where ``TRITON_FASTER`` lists the shape (see the module docstring).
     """
     if resolve_backend(backend, q.device, "attention") == "triton" and (backend == "triton" or _faster(q)):
         reason = _unsupported(q, k, v)

@@ -9,7 +9,7 @@ constants, ints and pointers divisible by 16 get ``tt.divisibility``; pointers a
 CUDA caching allocator makes them, plus the view's offset). Registers and spills come from the ptxas
 log, shared memory from the kernel's metadata. Needs compiled Triton: run with TRITON_INTERPRET unset.
 
-``python -m kernels.aot [--tier quick|full] [--json PATH] [--table PATH]``: exit status 1 if a launch
+``python -m kernels.aot [--tier quick|table|full] [--json PATH] [--table PATH]``: exit status 1 if a launch
 fails to compile, spills registers or needs more shared memory than the target has.
 """
 import argparse
@@ -187,8 +187,12 @@ def _data(n: int, k: int, count: int, layout: str, noise: float = 0.1, start: in
 
 
 def cases(tier: str) -> dict[str, Callable[[], None]]:
-    """Named wrapper calls whose launches the check compiles: a few in "quick", every edge in "full"."""
-    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    """Named wrapper calls whose launches the check compiles, by tier.
+
+    "quick": a few representative shapes. "table": every dtype, head_dim, causal flag and layout at
+    one length (seq 1000, count 1000) -- every configuration the dispatch uses. "full": "table" plus
+    the edge lengths whose specializations differ (seq 1, 17, 1024; n 1; count 1 and 2**31 + 5).
+    """
     if tier == "quick":
         return {
             "attn fp16 d64 causal seq1000": _attention(torch.float16, 64, True, 1000),
@@ -197,18 +201,22 @@ def cases(tier: str) -> dict[str, Callable[[], None]]:
             "data n4096 pm1 count 2**31+5": _data(4096, 33, 2**31 + 5, "pm1", streams=1),
             "data n513 tokens count1": _data(513, 257, 1, "tokens"),
         }
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    seqs, counts = ((1000,), (1000,)) if tier == "table" else ((1000, 1, 17, 1024), (1000, 1, 2**31 + 5))
     out = {}
     for dtype, name in names.items():
         for d in (16, 32, 64, 128):
             for causal in (False, True):
-                for n in (1, 17, 1000, 1024):
-                    out[f"attn {name} d{d}{' causal' if causal else ''} seq{n}"] = _attention(dtype, d, causal, n)
+                mode = " causal" if causal else ""
+                for n in seqs:
+                    out[f"attn {name} d{d}{mode} seq{n}"] = _attention(dtype, d, causal, n)
                 if dtype == torch.float32:  # torch.backends.cuda.matmul.allow_tf32: tensor-core dots
-                    out[f"attn tf32 d{d}{' causal' if causal else ''} seq1000"] = _attention(dtype, d, causal, 1000, True)
-    for n in (1, 50, 513, 4096):
-        for k in sorted({1, 3 if n > 3 else 1, n}):
+                    out[f"attn tf32 d{d}{mode} seq1000"] = _attention(dtype, d, causal, 1000, True)
+    for n in ((50, 513, 4096) if tier == "table" else (1, 50, 513, 4096)):
+        for k in sorted({1, min(3, n), n}):
             for layout in ("bits", "pm1", "tokens"):
-                for count, noise in ((1, 0.0), (1000, 0.1), (2**31 + 5, 0.0)):
+                for count in counts:
+                    noise = 0.1 if count == 1000 else 0.0
                     out[f"data n{n} k{k} {layout} count{count} noise{noise}"] = _data(n, k, count, layout, noise)
     return out
 
@@ -257,7 +265,7 @@ def _ptxas_missing() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tier", choices=("quick", "full"), default="quick")
+    parser.add_argument("--tier", choices=("quick", "table", "full"), default="quick")
     parser.add_argument("--json", help="write the results (and a skip reason) to this file")
     parser.add_argument("--table", nargs="?", const="docs/kernels_compiled.md", help="write the markdown table")
     args = parser.parse_args(argv)

@@ -22,9 +22,10 @@ writes a piece of the row (up to once per output element: ~16x more ``mul.hi`` i
 n=50); the gather keeps philox in a compact layout and moves the words through shared memory.
 
 Block sizes are fixed, not autotuned: the kernel is a streaming write, and a tile of ~4K outputs
-per program with 4 warps is enough to keep stores in flight; rows are cut into chunks of at most
-512 bits so registers stay flat for any n, and ``BLOCK_R = 4096 // BLOCK_C`` (at most 256) rows
-keep the tile size constant (n=50: 64 rows x 64 bits; n=4096: 8 rows x 512 bits, 8 chunks).
+per program is enough to keep stores in flight; rows are cut into chunks of at most 512 bits so
+registers stay flat for any n, and ``BLOCK_R = 4096 // BLOCK_C`` (at most 256) rows keep the tile
+size constant (n=50: 64 rows x 64 bits; n=4096: 8 rows x 512 bits, 8 chunks). 4 warps; 8 once rows
+take several chunks (with 4, the chunk loop reaches 255 registers and spills on sm_90).
 Needs triton >= 3.2 (``tl.gather``); ``tests/test_triton_compile.py`` compiles it for sm_80 and sm_90
 (no spills, 16-byte stores, no 32-bit pointer offset) with the installed Triton.
 """
@@ -85,22 +86,22 @@ def _store_run(x_ptr, run_start, run_end, rmask, words,
     vectorize whatever the row length; the < VEC elements before the first and after the last whole
     chunk (only when rows are not VEC-aligned: ``EDGES``) go in a second, masked store.
     """
-    a0 = (run_start // VEC) * VEC  # the chunk holding run_start
-    first = ((run_start + VEC - 1) // VEC) * VEC  # first whole chunk
-    last = (run_end // VEC) * VEC  # end of the last whole chunk
-    t = tl.arange(0, BLOCK_C)[None, :]
-    pos = a0[:, None] + t
-    chunk = a0[:, None] + (t // VEC) * VEC
-    body = rmask[:, None] & (chunk >= first[:, None]) & (chunk < last[:, None])
-    col = tl.minimum(tl.maximum((pos - run_start[:, None]).to(tl.int32), 0), BLOCK_C - 1)
-    _store_x(x_ptr + pos, body, _bits_at(words, col), LAYOUT)
+    a0 = (run_start // VEC) * VEC  # the chunk holding run_start; in-tile positions u count from it
+    lo = (run_start - a0).to(tl.int32)[:, None]  # the run is u in [lo, hi)
+    hi = lo + (run_end - run_start).to(tl.int32)[:, None]
+    first = ((lo + VEC - 1) // VEC) * VEC  # first whole chunk
+    last = (hi // VEC) * VEC  # end of the last whole chunk
+    u = tl.arange(0, BLOCK_C)[None, :]
+    chunk = (u // VEC) * VEC
+    body = rmask[:, None] & (chunk >= first) & (chunk < last)
+    col = tl.minimum(tl.maximum(u - lo, 0), BLOCK_C - 1)
+    _store_x(x_ptr + (a0[:, None] + u), body, _bits_at(words, col), LAYOUT)
     if EDGES:
         e = tl.arange(0, 2 * VEC)[None, :]
-        pos = tl.where(e < VEC, a0[:, None] + e, last[:, None] + (e - VEC))  # head chunk, tail chunk
-        edge = rmask[:, None] & (pos >= run_start[:, None]) & (pos < run_end[:, None]) & \
-            ((pos < first[:, None]) | (pos >= last[:, None]))
-        col = tl.minimum(tl.maximum((pos - run_start[:, None]).to(tl.int32), 0), BLOCK_C - 1)
-        _store_x(x_ptr + pos, edge, _bits_at(words, col), LAYOUT)
+        u = tl.where(e < VEC, e, last + (e - VEC))  # head chunk, tail chunk
+        edge = rmask[:, None] & (u >= lo) & (u < hi) & ((u < first) | (u >= last))
+        col = tl.minimum(tl.maximum(u - lo, 0), BLOCK_C - 1)
+        _store_x(x_ptr + (a0[:, None] + u), edge, _bits_at(words, col), LAYOUT)
 
 
 @triton.jit
@@ -195,7 +196,7 @@ def _config(n: int, k: int, layout: int) -> dict:
     vec = 16 // (1, 4, 8)[layout]  # x elements per 16 bytes
     x_cols = n + 1 + k if layout == 2 else n
     return dict(BLOCK_R=block_r, NC=block_c // inner, INNER=inner, KB=kb, ONE_CHUNK=n <= block_c,
-                VEC=vec, EDGES=n % vec != 0 or x_cols % vec != 0, num_warps=4)
+                VEC=vec, EDGES=n % vec != 0 or x_cols % vec != 0, num_warps=4 if n <= block_c else 8)
 
 
 def sparse_parity_triton(seed: int, start: int, count: int, n: int, secret: torch.Tensor,

@@ -84,7 +84,9 @@ def _check(seed, start, count, n, secret, stream, noise, layout, device):
 
 
 def _prepared(t, device: torch.device) -> bool:
-    return isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.device == device
+    """An int64 tensor already on ``device`` ("cuda" without an index matches any CUDA device)."""
+    return (isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.device.type == device.type
+            and device.index in (None, t.device.index))
 
 
 def _validated(secret, stream, n) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,9 @@
 
     python -m benchmarks.attention [--json PATH] [--head-dims 64 128] [--seqs 128 ... 4096]
 
+On a GPU it ends by printing the ``kernels.attention.TRITON_FASTER`` entries these numbers support
+(forward + backward faster than the best SDPA backend; a win at seq s covers [s, next measured seq)).
+
 bf16, causal by default; a fixed number of tokens per batch (batch = tokens // seq) and a fixed
 model width (heads = width // head_dim), so every row does the same projection work. FLOPs follow
 FlashAttention's convention: forward 4 * b * h * s^2 * d (two matmuls), backward 2.5x the
@@ -118,6 +121,19 @@ def run(head_dims, seqs, tokens, width, dtype, causal, modes, device, names):
     return rows, peak
 
 
+def dispatch_entries(rows: list[dict], arch: int, dtype: str) -> dict:
+    """TRITON_FASTER entries: (arch, dtype, head_dim) -> seq ranges where Triton's fwd_bwd beat every SDPA."""
+    out = {}
+    for d in sorted({r["head_dim"] for r in rows}):
+        timed = sorted((r["seq"], r.get("ratio_vs_best_sdpa")) for r in rows
+                       if r["head_dim"] == d and r["mode"] == "fwd_bwd")
+        ranges = [(s, timed[i + 1][0] if i + 1 < len(timed) else s + 1)
+                  for i, (s, ratio) in enumerate(timed) if ratio is not None and ratio > 1]
+        if ranges:
+            out[(arch, dtype, d)] = tuple(ranges)
+    return out
+
+
 def _print_header(names, peak):
     cols = "".join(f"{n:>16}" for n in names)
     unit = "TFLOP/s (% peak)" if peak else "TFLOP/s"
@@ -179,6 +195,9 @@ def main(argv=None):
     peak = peak_flops(device_name) if device.type == "cuda" else None
     _print_header(names, peak)
     rows, peak = run(head_dims, seqs, tokens, width, dtype, args.causal, args.modes, device, names)
+    if device.type == "cuda" and "triton" in names:
+        major, minor = torch.cuda.get_device_capability(device)
+        print("kernels.attention.TRITON_FASTER entries:", dispatch_entries(rows, 10 * major + minor, args.dtype))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_name, "torch": torch.__version__, "triton": triton_version,

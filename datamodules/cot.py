@@ -82,10 +82,11 @@ class CoTDataModule(TicketDataModule):
     def sequences(self, start: int, count: int, stream: int, noise: float, device: torch.device) -> torch.Tensor:
         """Samples [start, start + count) of ``stream`` as token sequences, int64 (count, seq_len)."""
         d = self.cfg.data
-        tokens, y, _ = sparse_parity(self.cfg.seed, start, count, d.n, self.secret, stream=stream, noise=noise,
+        secret, stream_id = self.device_args(stream, device)
+        tokens, y, _ = sparse_parity(self.cfg.seed, start, count, d.n, secret, stream=stream_id, noise=noise,
                                      backend=self.cfg.kernels.backend, device=device, layout="tokens")
         if d.chain == "tree":
-            chain = tree_chain(tokens[:, self.secret])
+            chain = tree_chain(tokens[:, secret])
             tokens = torch.cat([tokens[:, :self.prompt_len], chain], dim=1)
         elif d.chain == "none":
             tokens = tokens[:, :self.prompt_len + 1].clone()

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from config import Config
 from kernels import sparse_parity
+from kernels.sparse_parity import on_device
 
 
 def secret_for(seed: int, n: int, k: int) -> list[int]:
@@ -106,6 +107,14 @@ class TicketDataModule(L.LightningDataModule):
         local = batch // ticket.world_size
         return [(t * batch + ticket.rank * local, local) for t in range(ticket.step, ticket.step + ticket.steps)]
 
+    def device_args(self, stream: int | list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The secret and ``stream`` as tensors on ``device``, validated and copied once, not on every step."""
+        key = (device, stream if isinstance(stream, int) else tuple(stream))
+        cache = self.__dict__.setdefault("_device_args", {})
+        if key not in cache:
+            cache[key] = on_device(self.secret, stream, self.cfg.data.n, device)
+        return cache[key]
+
 
 def joined(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
     """torch.cat of ``parts`` along ``dim``, without a copy when there is one part."""
@@ -127,11 +136,11 @@ class ParityDataModule(TicketDataModule):
         d = self.cfg.data
         local = d.batch_size // ticket.world_size
         streams = [train_stream(m) for m in self.members]
-
+        secret, stream_ids = self.device_args(streams, device)
         layout = "pm1" if device.type == "cuda" else "bits"
 
         def draw(start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-            x, y, _ = sparse_parity(self.cfg.seed, start, count, d.n, self.secret, stream=streams,
+            x, y, _ = sparse_parity(self.cfg.seed, start, count, d.n, secret, stream=stream_ids,
                                     noise=d.noise, backend=self.cfg.kernels.backend, device=device,
                                     layout=layout, compile=self.cfg.kernels.compile)
             return x, pm1(y)

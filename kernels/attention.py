@@ -5,16 +5,26 @@
 ``paritylab::flash_attn_fwd`` (returns o and the log-sum-exp) and ``paritylab::flash_attn_bwd``,
 with fake (meta) implementations and an autograd formula, so ``torch.compile(fullgraph=True)``
 treats the kernel as one opaque node. The reference path is SDPA itself.
+
+Which kernel ``backend="auto"`` runs on a GPU is the dispatch table ``TRITON_FASTER``: keys
+``(arch, dtype, head_dim)`` (arch = 10 * major + minor compute capability, dtype "fp32"/"fp16"/
+"bf16"), values the half-open sequence-length ranges ``(lo, hi)`` where the Triton kernel was measured
+faster than SDPA (forward + backward, ``python -m benchmarks.attention``). Inside a listed range auto
+runs Triton; anywhere else, unmeasured included, SDPA. Nothing is measured yet, so the table is
+empty and auto means SDPA on every GPU; ``backend="triton"`` always runs the Triton kernel (on a
+CPU through the interpreter, as the tests do).
 """
 import os
 
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import resolve_backend, warn_once
+from kernels.dispatch import gpu_arch, resolve_backend, warn_once
 
 HEAD_DIMS = (16, 32, 64, 128)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+TRITON_FASTER: dict[tuple[int, str, int], tuple[tuple[int, int], ...]] = {}  # see the module docstring
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
@@ -24,9 +34,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     ``causal=True`` masks key j > query i (top-left aligned, as SDPA's ``is_causal``).
     The Triton kernels take q, k, v of one shape (batch, heads, seq >= 1, head_dim in
     16/32/64/128) and one dtype (fp32/fp16/bf16; no bf16 under the CPU interpreter); anything
-    else runs SDPA, with one logged warning per kind of reason.
+    else runs SDPA, with one logged warning per kind of reason. On a GPU, ``backend="auto"`` runs
+    the Triton kernel only where ``TRITON_FASTER`` lists the shape (see the module docstring).
     """
-    if resolve_backend(backend, q.device, "attention") == "triton":
+    if resolve_backend(backend, q.device, "attention") == "triton" and (backend == "triton" or _faster(q)):
         reason = _unsupported(q, k, v)
         if reason is None:
             scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -35,6 +46,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             topic, why = reason.split(": ", 1)
             warn_once(f"attention:{topic}", f"attention: {why}; falling back to scaled_dot_product_attention")
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+
+def _faster(q: torch.Tensor) -> bool:
+    """True where the dispatch table says the Triton kernel beats SDPA for q's arch, dtype, head_dim, seq."""
+    if not TRITON_FASTER or q.dim() != 4:
+        return False
+    ranges = TRITON_FASTER.get((gpu_arch(q.device), DTYPE_NAMES.get(q.dtype), q.shape[-1]), ())
+    return any(lo <= q.shape[-2] < hi for lo, hi in ranges)
 
 
 def _unsupported(q, k, v) -> str | None:

@@ -30,3 +30,11 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
         warn_once(f"{op}-interp", f"{op}: backend='triton' on {device.type} needs TRITON_INTERPRET=1 "
                                   "set before triton is imported; using the PyTorch reference")
     return "torch"
+
+
+def gpu_arch(device: torch.device) -> int | None:
+    """Compute capability of a CUDA device as 10 * major + minor (80, 90, ...); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor

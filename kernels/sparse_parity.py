@@ -31,24 +31,38 @@ def sparse_parity(seed: int, start: int, count: int, n: int, secret: IntOrInts, 
     ``layout="bits"``: x uint8 (count, n), y uint8 (count,), cot uint8 (count, k).
     ``layout="pm1"``: x float32 in {+1, -1} (= 1 - 2 bits), y float32 = 1 - 2 y; cot as bits.
     ``layout="tokens"``: x int64 (count, n + 1 + k) = bits, SEPARATOR, cot; y and cot as bits.
-    A sequence of stream ids adds a leading dimension, one slice per stream.
+    A sequence (or 1-d tensor) of stream ids adds a leading dimension, one slice per stream.
+    ``secret`` and ``stream`` may be ints, lists or tensors; int64 tensors already on ``device`` (from
+    ``on_device``, which validates them once) are used as they are, so a CUDA call copies nothing
+    between host and device and never synchronizes. Other inputs are validated on every call.
     ``compile=True`` runs the reference on a CPU as a C++ extension (kernels/sparse_parity_cpu.py, built
     on first use): the same bits, ~10x faster; without a C++ toolchain it warns once and stays eager.
     """
-    secret_t, streams, single = _check(seed, start, count, n, secret, stream, noise, layout)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    secret_t, streams, single = _check(seed, start, count, n, secret, stream, noise, layout, device)
     threshold = int(noise * 2**32)
     if resolve_backend(backend, device, "sparse_parity") == "triton":
         from kernels.sparse_parity_triton import sparse_parity_triton
-        out = sparse_parity_triton(seed, start, count, n, secret_t.to(device), streams.to(device),
-                                   threshold, layout)
+        out = sparse_parity_triton(seed, start, count, n, secret_t, streams, threshold, layout)
     else:
-        out = _reference(seed, start, count, n, secret_t.to(device), streams.to(device),
-                         threshold, layout, compile)
+        out = _reference(seed, start, count, n, secret_t, streams, threshold, layout, compile)
     return tuple(t[0] for t in out) if single else out
 
 
-def _check(seed, start, count, n, secret, stream, noise, layout):
+def on_device(secret: IntOrInts, stream: IntOrInts, n: int,
+              device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(secret, stream) validated for n bits and moved to ``device`` once, for ``sparse_parity`` calls there.
+
+    An int stream becomes a 0-d tensor (a call then returns no stream axis), a sequence a 1-d one.
+    """
+    secret_t, streams = _validated(secret, stream, n)
+    single = isinstance(stream, int) or (isinstance(stream, torch.Tensor) and stream.dim() == 0)
+    device = torch.device(device)
+    return secret_t.to(device), (streams.reshape(()) if single else streams).to(device)
+
+
+def _check(seed, start, count, n, secret, stream, noise, layout, device):
+    """(secret, streams, single) on ``device`` after checking every argument; see ``sparse_parity``."""
     if not 0 <= start < 2**64 or count < 0 or start + count > 2**64:
         raise ValueError(f"sample range [{start}, {start + count}) must lie in [0, 2**64)")
     if n < 1:
@@ -58,26 +72,43 @@ def _check(seed, start, count, n, secret, stream, noise, layout):
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     split_seed(seed)
+    single = isinstance(stream, int) or (isinstance(stream, torch.Tensor) and stream.dim() == 0)
+    if device.type != "cpu" and _prepared(secret, device) and _prepared(stream, device):
+        # values were checked by on_device; reading them here would synchronize with the device
+        if secret.dim() != 1 or not 1 <= secret.numel() <= n or stream.dim() > 1:
+            raise ValueError(f"secret must be a 1-d tensor of 1..{n} indices and stream a 0-d or 1-d tensor, "
+                             f"got shapes {tuple(secret.shape)} and {tuple(stream.shape)}")
+        return secret, stream.reshape(-1), single
+    secret_t, streams = _validated(secret, stream, n)
+    return secret_t.to(device), streams.to(device), single
+
+
+def _prepared(t, device: torch.device) -> bool:
+    """An int64 tensor already on ``device`` ("cuda" without an index matches any CUDA device)."""
+    return (isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.device.type == device.type
+            and device.index in (None, t.device.index))
+
+
+def _validated(secret, stream, n) -> tuple[torch.Tensor, torch.Tensor]:
+    """secret (k,) and stream ids (S,) as int64 CPU tensors, or a ValueError naming the problem."""
     secret_t = torch.as_tensor(secret, dtype=torch.int64).reshape(-1).cpu()
     k = secret_t.numel()
     if not 1 <= k <= n or secret_t.min() < 0 or secret_t.max() >= n or secret_t.unique().numel() != k:
         raise ValueError(f"secret must be 1..n distinct indices in [0, {n}), got {secret_t.tolist()}")
-    single = isinstance(stream, int)
-    streams = torch.as_tensor([stream] if single else stream, dtype=torch.int64).reshape(-1).cpu()
+    streams = torch.as_tensor(stream, dtype=torch.int64).reshape(-1).cpu()
     if streams.numel() and (streams.min() < 0 or streams.max() > MASK32):
         raise ValueError("stream ids must be in [0, 2**32)")
-    return secret_t, streams, single
+    return secret_t, streams
 
 
-_BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(torch.uint8)  # byte -> its 8 bits
 _TABLES: dict = {}
 
 
 def _byte_table(layout: str, device: torch.device) -> torch.Tensor:
-    """byte -> its 8 bits, as uint8 bits or as float32 +/-1, cached per device."""
+    """byte -> its 8 bits, as uint8 bits or as float32 +/-1, made on ``device`` (no host copy), cached."""
     key = (layout == "pm1", device)
     if key not in _TABLES:
-        table = _BYTE_BITS.to(device)
+        table = ((torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1).to(torch.uint8)
         _TABLES[key] = 1.0 - 2.0 * table.float() if layout == "pm1" else table
     return _TABLES[key]
 

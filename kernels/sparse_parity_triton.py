@@ -12,7 +12,8 @@ One program owns ``BLOCK_R`` rows (samples) of one stream and
    philox per (row, secret index); the running parity (``tl.cumsum`` + a carry) is the cot;
 3. draws the noise word (counter ``c0 = 0xffffffff``) and writes the label.
 
-No intermediate tensor touches memory. Counters are always uint32 tensors: ``tl.philox`` with
+No intermediate tensor touches memory. Every offset and program-id product is int64, so a
+(streams x count x row) output past 2**31 elements is addressed correctly. Counters are always uint32 tensors: ``tl.philox`` with
 Python-int or int64 counters silently switches to Philox4x64, a different stream.
 
 Why a gather rather than ``words[:, :, None] >> shifts``: with a broadcast, Triton's layout pass
@@ -21,10 +22,12 @@ writes a piece of the row (up to once per output element: ~16x more ``mul.hi`` i
 n=50); the gather keeps philox in a compact layout and moves the words through shared memory.
 
 Block sizes are fixed, not autotuned: the kernel is a streaming write, and a tile of ~4K outputs
-per program with 4 warps is enough to keep stores in flight; rows are cut into chunks of at most
-512 bits so registers stay flat for any n, and ``BLOCK_R = 4096 // BLOCK_C`` (at most 256) rows
-keep the tile size constant (n=50: 64 rows x 64 bits; n=4096: 8 rows x 512 bits, 8 chunks).
-Needs triton >= 3.2 (``tl.gather``); checked to compile for sm_80/90/100 with triton 3.6 and 3.9.
+per program is enough to keep stores in flight; rows are cut into chunks of at most 512 bits so
+registers stay flat for any n, and ``BLOCK_R = 4096 // BLOCK_C`` (at most 256) rows keep the tile
+size constant (n=50: 64 rows x 64 bits; n=4096: 8 rows x 512 bits, 8 chunks). 4 warps; 8 once rows
+take several chunks (with 4, the chunk loop reaches 255 registers and spills on sm_90).
+Needs triton >= 3.2 (``tl.gather``); ``tests/test_triton_compile.py`` compiles it for sm_80 and sm_90
+(no spills, 16-byte stores, no 32-bit pointer offset) with the installed Triton.
 """
 from contextlib import nullcontext
 
@@ -58,9 +61,9 @@ def _words(seed, call, g_lo, g_hi, s, BLOCK_R: tl.constexpr, NW: tl.constexpr):
 
 
 @triton.jit
-def _bits_at(words, pos, zero_rc):
-    """Bits at positions ``pos`` (1, C) of rows whose words (R, NW) cover them: bit p = bit p%32 of word p//32."""
-    word = tl.gather(words, (pos // 32) + zero_rc, axis=1)
+def _bits_at(words, pos):
+    """Bits at columns ``pos`` (R, C) of rows whose words (R, NW) cover them: bit p = bit p%32 of word p//32."""
+    word = tl.gather(words, pos // 32, axis=1)
     return (word >> (pos % 32).to(tl.uint32)) & 1
 
 
@@ -75,50 +78,75 @@ def _store_x(ptrs, mask, bits, LAYOUT: tl.constexpr):
 
 
 @triton.jit
+def _store_run(x_ptr, run_start, run_end, rmask, words,
+               BLOCK_C: tl.constexpr, VEC: tl.constexpr, EDGES: tl.constexpr, LAYOUT: tl.constexpr):
+    """x[run_start:run_end) of each row (int64 element offsets (R,), run_start = column 0 of ``words``).
+
+    The body is stored in whole VEC-element (16-byte) chunks at VEC-aligned offsets, so the stores
+    vectorize whatever the row length; the < VEC elements before the first and after the last whole
+    chunk (only when rows are not VEC-aligned: ``EDGES``) go in a second, masked store.
+    """
+    a0 = (run_start // VEC) * VEC  # the chunk holding run_start; in-tile positions u count from it
+    lo = (run_start - a0).to(tl.int32)[:, None]  # the run is u in [lo, hi)
+    hi = lo + (run_end - run_start).to(tl.int32)[:, None]
+    first = ((lo + VEC - 1) // VEC) * VEC  # first whole chunk
+    last = (hi // VEC) * VEC  # end of the last whole chunk
+    u = tl.arange(0, BLOCK_C)[None, :]
+    chunk = (u // VEC) * VEC
+    body = rmask[:, None] & (chunk >= first) & (chunk < last)
+    col = tl.minimum(tl.maximum(u - lo, 0), BLOCK_C - 1)
+    _store_x(x_ptr + (a0[:, None] + u), body, _bits_at(words, col), LAYOUT)
+    if EDGES:
+        e = tl.arange(0, 2 * VEC)[None, :]
+        u = tl.where(e < VEC, e, last + (e - VEC))  # head chunk, tail chunk
+        edge = rmask[:, None] & (u >= lo) & (u < hi) & ((u < first) | (u >= last))
+        col = tl.minimum(tl.maximum(u - lo, 0), BLOCK_C - 1)
+        _store_x(x_ptr + (a0[:, None] + u), edge, _bits_at(words, col), LAYOUT)
+
+
+@triton.jit
 def _sparse_parity_kernel(
     x_ptr, y_ptr, cot_ptr, secret_ptr, streams_ptr,
     seed, start_lo, start_hi, count, n, k, x_stride, threshold,
     BLOCK_R: tl.constexpr, NC: tl.constexpr, INNER: tl.constexpr, KB: tl.constexpr,
     ONE_CHUNK: tl.constexpr, HAS_NOISE: tl.constexpr, LAYOUT: tl.constexpr,
+    VEC: tl.constexpr, EDGES: tl.constexpr,
 ):
+    # Every offset is int64: (stream, row) planes can exceed 2**31 elements.
     BLOCK_C: tl.constexpr = NC * INNER
     NW: tl.constexpr = NC * 4
-    pid_r = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
 
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < count
-    rows64 = rows.to(tl.int64)
     # 64-bit sample index g = start + row, split into uint32 words with carry.
-    g = rows64 + start_lo
+    g = rows + start_lo
     g_lo = g.to(tl.uint32)
     g_hi = (start_hi + (g >> 32)).to(tl.uint32)
     s = tl.load(streams_ptr + pid_s).to(tl.uint32)
     zero = tl.zeros((BLOCK_R,), dtype=tl.uint32)
     s_r = s + zero
 
-    srow = pid_s.to(tl.int64) * count + rows64  # row index into the (S, count) planes
-    x_row_ptr = x_ptr + srow * x_stride
-    cot_row_ptr = cot_ptr + srow * k
+    srow = pid_s * count + rows  # row index into the (S, count) planes
+    row_start = srow * x_stride
+    cot_row = srow * k
 
     # 1. x: one philox call per (row, 128 bits), expanded to bits by a gather + shift.
     zero_w = tl.zeros((BLOCK_R, NC), dtype=tl.uint32)
     lo_w = g_lo[:, None] + zero_w
     hi_w = g_hi[:, None] + zero_w
     s_w = s_r[:, None] + zero_w
-    zero_c = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int32)
-    cols = tl.arange(0, BLOCK_C)[None, :]
     if ONE_CHUNK:  # n <= BLOCK_C: one tile holds the whole row; its words also serve the secret.
         row_call = tl.arange(0, NC).to(tl.uint32)[None, :] + zero_w
         words0 = _words(seed, row_call, lo_w, hi_w, s_w, BLOCK_R, NW)
-        _store_x(x_row_ptr[:, None] + cols, rmask[:, None] & (cols < n),
-                 _bits_at(words0, cols, zero_c), LAYOUT)
+        _store_run(x_ptr, row_start, row_start + n, rmask, words0, BLOCK_C, VEC, EDGES, LAYOUT)
     else:
         for col0 in range(0, n, BLOCK_C):
             xcall = (col0 // 128 + tl.arange(0, NC)).to(tl.uint32)[None, :] + zero_w
             xwords = _words(seed, xcall, lo_w, hi_w, s_w, BLOCK_R, NW)
-            _store_x(x_row_ptr[:, None] + (col0 + cols), rmask[:, None] & (col0 + cols < n),
-                     _bits_at(xwords, cols, zero_c), LAYOUT)
+            _store_run(x_ptr, row_start + col0, row_start + tl.minimum(col0 + BLOCK_C, n), rmask, xwords,
+                       BLOCK_C, VEC, EDGES, LAYOUT)
 
     # 2. chain of thought: prefix parities over the secret, KB indices at a time.
     zero_k = tl.zeros((BLOCK_R, KB), dtype=tl.uint32)
@@ -128,11 +156,11 @@ def _sparse_parity_kernel(
     s_k = s_r[:, None] + zero_k
     carry = tl.zeros((BLOCK_R,), dtype=tl.int32)
     for j0 in range(0, k, KB):
-        j = j0 + tl.arange(0, KB)
+        j = (j0 + tl.arange(0, KB)).to(tl.int64)
         jmask = j < k
         pos = tl.load(secret_ptr + j, mask=jmask, other=0).to(tl.int32)[None, :]
         if ONE_CHUNK:
-            sbits = _bits_at(words0, pos, zero_ki)
+            sbits = _bits_at(words0, pos + zero_ki)
         else:
             scall = (pos // 128).to(tl.uint32) + zero_k
             v0, v1, v2, v3 = tl.philox(seed, scall, lo_k, hi_k, s_k)
@@ -142,9 +170,9 @@ def _sparse_parity_kernel(
         chain = (tl.cumsum(sbits, axis=1) + carry[:, None]) & 1
         carry = (carry + tl.sum(sbits, axis=1)) & 1
         cmask = rmask[:, None] & jmask[None, :]
-        tl.store(cot_row_ptr[:, None] + j[None, :], chain.to(tl.uint8), mask=cmask)
+        tl.store(cot_ptr + (cot_row[:, None] + j[None, :]), chain.to(tl.uint8), mask=cmask)
         if LAYOUT == 2:
-            tl.store(x_row_ptr[:, None] + (n + 1 + j)[None, :], chain.to(tl.int64), mask=cmask)
+            tl.store(x_ptr + (row_start[:, None] + (n + 1 + j)[None, :]), chain.to(tl.int64), mask=cmask)
 
     # 3. label: noiseless parity (= last cot entry), flipped iff the noise word < threshold.
     y = carry
@@ -156,17 +184,19 @@ def _sparse_parity_kernel(
     else:
         tl.store(y_ptr + srow, y.to(tl.uint8), mask=rmask)
     if LAYOUT == 2:
-        tl.store(x_row_ptr + n, tl.full((BLOCK_R,), _SEPARATOR, tl.int64), mask=rmask)
+        tl.store(x_ptr + (row_start + n), tl.full((BLOCK_R,), _SEPARATOR, tl.int64), mask=rmask)
 
 
-def _config(n: int, k: int) -> dict:
-    """Fixed block sizes chosen from n and k (see the module docstring)."""
+def _config(n: int, k: int, layout: int) -> dict:
+    """Fixed block sizes chosen from n, k and the layout (see the module docstring)."""
     block_c = min(triton.next_power_of_2(n), MAX_CHUNK)
     inner = min(block_c, 128)
     block_r = min(TILE // block_c, MAX_ROWS)
     kb = max(min(triton.next_power_of_2(k), MAX_KB, SECRET_TILE // block_r), 2)  # >= 2: no size-1 scan
-    return dict(BLOCK_R=block_r, NC=block_c // inner, INNER=inner, KB=kb,
-                ONE_CHUNK=n <= block_c, num_warps=4)
+    vec = 16 // (1, 4, 8)[layout]  # x elements per 16 bytes
+    x_cols = n + 1 + k if layout == 2 else n
+    return dict(BLOCK_R=block_r, NC=block_c // inner, INNER=inner, KB=kb, ONE_CHUNK=n <= block_c,
+                VEC=vec, EDGES=n % vec != 0 or x_cols % vec != 0, num_warps=4 if n <= block_c else 8)
 
 
 def sparse_parity_triton(seed: int, start: int, count: int, n: int, secret: torch.Tensor,
@@ -189,7 +219,7 @@ def sparse_parity_triton(seed: int, start: int, count: int, n: int, secret: torc
     cot = torch.empty((num_streams, count, k), dtype=torch.uint8, device=device)
     if count == 0 or num_streams == 0:
         return x, y, cot
-    cfg = _config(n, k)
+    cfg = _config(n, k, lay)
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
         for s0 in range(0, num_streams, MAX_GRID_Y):
             s1 = min(s0 + MAX_GRID_Y, num_streams)

@@ -17,6 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib  # noqa: E402
 import logging  # noqa: E402
 
 import pytest  # noqa: E402
@@ -175,6 +176,20 @@ def test_torch_and_auto_backends_on_cpu_are_sdpa():
         attention(q, k, v, backend="cuda")
 
 
+def test_dispatch_table_picks_triton_only_where_measured_faster(monkeypatch):
+    attn = importlib.import_module("kernels.attention")  # the module: kernels.attention is also the function
+    def q(n, d=64, dtype=torch.float16):
+        return torch.empty(2, 3, n, d, dtype=dtype, device="meta")
+    monkeypatch.setattr(attn, "gpu_arch", lambda device: 90)
+    assert not attn._faster(q(100))  # nothing measured: SDPA
+    monkeypatch.setattr(attn, "TRITON_FASTER", {(90, "fp16", 64): ((64, 512), (2048, 4096))})
+    assert attn._faster(q(100)) and attn._faster(q(64)) and attn._faster(q(3000))
+    assert not attn._faster(q(63)) and not attn._faster(q(512)) and not attn._faster(q(4096))
+    assert not attn._faster(q(100, dtype=torch.float32)) and not attn._faster(q(100, d=32))
+    monkeypatch.setattr(attn, "gpu_arch", lambda device: 80)
+    assert not attn._faster(q(100))
+
+
 @interp
 def test_opcheck():
     q, k, v, do = _inputs(1, 2, 19, 16, torch.float32)
@@ -244,6 +259,12 @@ def test_gpu_against_float64(n, d, causal, dtype):
 
 
 @gpu
+def test_gpu_auto_is_sdpa_where_unmeasured():
+    q, k, v, _ = _inputs(2, 3, 257, 64, torch.float16, device="cuda")
+    assert torch.equal(attention(q, k, v, backend="auto"), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+@gpu
 def test_gpu_strided_inputs_and_gradient():
     def from_qkv(t):
         b, h, n, d = t.shape
@@ -257,5 +278,5 @@ def test_gpu_strided_inputs_and_gradient():
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_compile_fullgraph_inductor(dtype):
-    _compile_matches_eager("auto", "cuda", dtype, compiler="inductor",
+    _compile_matches_eager("triton", "cuda", dtype, compiler="inductor",
                            atol=2e-2 if dtype == torch.bfloat16 else 1e-4)

@@ -7,6 +7,7 @@ import torch
 from config import compose
 from datamodules.parity import ParityDataModule, Ticket, eval_stream, pm1, secret_for, train_stream
 from kernels import cpp, philox4x32, sparse_parity
+from kernels.sparse_parity import on_device
 from kernels import sparse_parity_cpu as sp_cpu
 
 KAT = Path(__file__).resolve().parents[2] / "shared" / "reference" / "philox4x32_10_kat.txt"
@@ -77,6 +78,18 @@ def test_bad_arguments_are_refused():
         sparse_parity(0, 0, 4, 5, [1], noise=0.5)
     with pytest.raises(ValueError, match="sample range"):
         sparse_parity(0, 2**64 - 2, 4, 5, [1])
+
+
+def test_on_device_validates_once_and_gives_the_same_samples():
+    with pytest.raises(ValueError, match="secret"):
+        on_device([2, 2], 0, 5, "cpu")
+    with pytest.raises(ValueError, match="stream"):
+        on_device([1], [2**32], 5, "cpu")
+    secret, streams = on_device([4, 0], [1, 3], 5, "cpu")
+    want = sparse_parity(3, 7, 9, 5, [4, 0], stream=[1, 3])
+    assert all(torch.equal(a, b) for a, b in zip(sparse_parity(3, 7, 9, 5, secret, stream=streams), want))
+    secret, stream = on_device([4, 0], 3, 5, "cpu")
+    assert stream.dim() == 0 and sparse_parity(3, 7, 9, 5, secret, stream=stream)[0].shape == (9, 5)
 
 
 class FakeTrainer:

@@ -17,10 +17,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import kernels.sparse_parity_triton as spt  # noqa: E402
 from kernels import philox4x32, sparse_parity  # noqa: E402
-from kernels.sparse_parity import SEPARATOR  # noqa: E402
+from kernels.sparse_parity import SEPARATOR, on_device  # noqa: E402
 
 INTERPRETED = type(spt._sparse_parity_kernel).__name__ == "InterpretedFunction"
 HAS_CUDA = torch.cuda.is_available()
@@ -99,6 +100,13 @@ def test_matches_reference_n4096(k, layout):
 def test_matches_reference_large_k_counts(n):
     """Odd shapes around the chunk sizes: rows not a multiple of BLOCK_R, n just past 128 / 512."""
     _assert_same(99, 2**33 + 5, 37, n, _secret(n, n // 2 + 1, n), 5, 0.25, "pm1")
+
+
+@needs_triton
+@pytest.mark.parametrize("n,layout", [(50, "bits"), (513, "pm1"), (33, "tokens"), (4096, "bits")])
+def test_matches_reference_across_2_63(n, layout):
+    """Sample indices crossing 2**63 (the sign bit of an int64 index): still bit-exact."""
+    _assert_same(2**63 + 1, 2**63 - 37, 75 if n < 4096 else 5, n, _secret(n, 5, n), [1, 2**32 - 2], 0.2, layout)
 
 
 @needs_triton
@@ -275,6 +283,58 @@ def test_tl_philox_matches_torch_philox(key0, key1):
     assert torch.equal(got, want)
 
 
+# ---------------------------------------------------------------- 3b. no host traffic in the data path
+
+class HostTraffic(TorchDispatchMode):
+    """Records every op that copies between devices or reads a value back to the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        aten = torch.ops.aten
+        if func is aten._local_scalar_dense.default:
+            self.seen.append("item()")
+        elif func is aten._to_copy.default and kwargs.get("device") not in (None, args[0].device):
+            self.seen.append(f"to {args[0].device} -> {kwargs['device']}")
+        elif func in (aten.copy_.default, aten._copy_from.default) and args[0].device != args[1].device:
+            self.seen.append(f"copy {args[1].device} -> {args[0].device}")
+        return func(*args, **kwargs)
+
+
+class _LaunchRecorder:
+    def __init__(self):
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+        return launch
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_device_tensors_make_no_host_copy(backend, layout, monkeypatch):
+    """secret and streams from on_device: a call on a (meta) device moves nothing to or from the host."""
+    recorder = _LaunchRecorder()
+    monkeypatch.setattr(spt, "_sparse_parity_kernel", recorder)  # the host side of the Triton path only
+    secret, streams = on_device([3, 0, 49], [0, 7], 50, "meta")
+    with HostTraffic() as traffic:
+        x, y, cot = sparse_parity(5, 2**40, 300, 50, secret, stream=streams, noise=0.1, layout=layout,
+                                  backend=backend, device="meta")
+        one = sparse_parity(5, 0, 3, 50, secret, stream=streams[1], layout=layout, backend=backend, device="meta")
+    assert traffic.seen == []
+    assert x.device.type == "meta" and x.shape[:2] == (2, 300) and cot.shape == (2, 300, 3)
+    assert one[1].shape == (3,)
+    assert recorder.launches == (2 if backend == "triton" else 0)
+    with HostTraffic() as traffic:  # the check can fail: a Python list is copied to the device every call
+        sparse_parity(5, 0, 3, 50, [3, 0, 49], layout=layout, backend=backend, device="meta")
+    assert traffic.seen
+
+
 # ---------------------------------------------------------------- 4. GPU: large shapes, compiled kernel
 
 @gpu
@@ -296,3 +356,20 @@ def test_gpu_single_sample_slices():
     for i in (0, 1, 39, 40, 41, 99):
         xi, yi, ci = sparse_parity(9, a + i, 1, 77, [5, 76, 0], noise=0.2, backend="triton", device="cuda")
         assert torch.equal(x[i], xi[0]) and torch.equal(y[i], yi[0]) and torch.equal(cot[i], ci[0])
+
+
+@gpu
+def test_gpu_call_never_synchronizes():
+    """With secret and streams made once on the device, a call makes no synchronizing CUDA call."""
+    secret, streams = on_device(_secret(50, 3, 1), [0, 1, 2], 50, "cuda")
+    for backend in ("triton", "torch"):  # warm up: compile the kernel, build the reference's tables
+        sparse_parity(1, 0, 64, 50, secret, stream=streams, layout="pm1", backend=backend, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for backend in ("triton", "torch"):
+            for layout in LAYOUTS:
+                sparse_parity(1, 2**40, 4099, 50, secret, stream=streams, noise=0.1, layout=layout,
+                              backend=backend, device="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

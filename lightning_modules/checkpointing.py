@@ -25,7 +25,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
 from config import Config, ConfigError
-from lightning_modules.run_dirs import temp_name
+from lightning_modules.run_dirs import write_atomic
 
 IDENTITY_KEY = "paritylab"  # checkpoint entry: what problem the weights were trained on
 RNG_KEY = "paritylab_rng"
@@ -64,21 +64,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             log.info(f"not writing {path}: a requeued job resumes from last.ckpt")
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp = temp_name(path)
-        try:
-            with open(temp, "xb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # make the rename itself durable
-        finally:
-            os.close(directory)
+        write_atomic(path, lambda file: torch.save(checkpoint, file))
 
 
 def run_identity(cfg: Config, secret: Optional[list[int]]) -> dict:

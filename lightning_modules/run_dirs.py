@@ -12,6 +12,7 @@ import os
 import secrets
 import time
 from pathlib import Path
+from typing import BinaryIO, Callable, Union
 
 from config import ConfigError
 
@@ -25,18 +26,25 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
+def write_atomic(path: Path, content: Union[str, Callable[[BinaryIO], None]]) -> None:
+    """Write ``content`` (text, or a function writing to a binary file) to a temporary file beside ``path``,
+    fsync it, rename it over ``path`` and fsync the directory: a kill at any moment leaves the old file or
+    the new one, never a torn one (at worst a temporary file, which ``claim`` removes)."""
     temp = temp_name(path)
     try:
-        with open(temp, "x") as file:
-            file.write(text)
+        with open(temp, "xb") as file:
+            file.write(content.encode()) if isinstance(content, str) else content(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
 
 
 def holds_run(path: Path) -> bool:

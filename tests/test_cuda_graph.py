@@ -113,7 +113,7 @@ class EagerStandIn(cuda_graph.StepGraph):
     """A StepGraph whose "replay" runs the eager step on the static buffers: the graph path's bookkeeping on a CPU."""
 
     def __init__(self, model, xs, ys, optimizer):
-        self.xs, self.ys, self.replays = torch.empty_like(xs), torch.empty_like(ys), 0
+        self.xs, self.ys, self.replays, self.complete = torch.empty_like(xs), torch.empty_like(ys), 0, True
         self.losses = ys.new_empty(xs.shape[1], xs.shape[0])
         quiet = SimpleNamespace(optimizer=optimizer, _on_before_step=lambda: None, _on_after_step=lambda: None)
         self.graph = SimpleNamespace(replay=lambda: self.losses.copy_(model.plain_sgd_steps(self.xs, self.ys, quiet)))

@@ -178,3 +178,24 @@ def test_lightning_training_on_a_gpu_replays_graphs_and_counts_every_step(monkey
     assert "train path: plain-SGD step as a CUDA graph" in caplog.messages
     assert [g.replays for g in trained._step_graphs.values()] == [3]
     assert_same_weights(trained, eager_reference(cfg, CUDA, [100] * 4))
+
+
+class CutCapture(EagerStandIn):
+    """A capture a stop signal cut short: nothing ran, the graph holds fewer steps than the batch."""
+
+    def __init__(self, model, xs, ys, optimizer):
+        super().__init__(model, xs, ys, optimizer)
+        self.complete = False
+
+
+def test_a_capture_cut_by_a_stop_signal_falls_back_to_the_eager_step(monkeypatch):
+    monkeypatch.setattr(cuda_graph, "uses_graph", lambda device: True)
+    monkeypatch.setattr(cuda_graph, "StepGraph", CutCapture)
+    cfg = config("model.ensemble=2")
+    model, reference = ParityMLP(cfg), ParityMLP(cfg)
+    opt, ref_opt = uncounted(model, cfg.optim.lr), uncounted(reference, cfg.optim.lr)
+    for batch in batches(cfg, torch.device("cpu"), [50, 50]):
+        cuda_graph.plain_sgd_steps(model, batch.x, batch.y, opt)
+        reference.plain_sgd_steps(batch.x, batch.y, ref_opt)
+    assert_same_weights(model, reference)
+    assert not model._step_graphs  # the cut capture was dropped, never replayed

@@ -98,11 +98,11 @@ def test_kill_drill_sigkill_and_sigterm_at_random_moments(tmp_path):
 
 def test_sigterm_stops_every_ddp_rank_at_one_step_and_the_run_continues(tmp_path):
     """Lightning's DDP launcher: SIGTERM to rank 0 reaches rank 1; both stop at the same step (the checkpoint
-    is saved collectively), rank 0 says so once, and resume=auto finishes the run."""
+    is saved collectively), rank 0 says so once, and resume=auto continues the run (to a budget past the stop)."""
     ddp = [*CPU, "trainer.devices=2", "trainer.strategy=ddp", "data.k=6", "data.batch_size=2048", "eval.size=64",
-           "eval.every_n_steps=400", "checkpoint.every_n_steps=400", "trainer.max_steps=400"]
+           "eval.every_n_steps=100000", "checkpoint.every_n_steps=100000"]
     run_dir = tmp_path / "run"
-    proc = train_process(tmp_path, f"run_dir={run_dir}", *ddp)
+    proc = train_process(tmp_path, f"run_dir={run_dir}", *ddp, "trainer.max_steps=100000")  # never done in time
     wait_for(run_dir / "tb", proc)
     time.sleep(3.0)
     proc.send_signal(signal.SIGTERM)
@@ -111,6 +111,6 @@ def test_sigterm_stops_every_ddp_rank_at_one_step_and_the_run_continues(tmp_path
     step = checkpoint(run_dir)["global_step"]
     assert done.stderr.strip().splitlines() == [f"stopped by SIGTERM: checkpoint {run_dir / 'checkpoints' / 'last.ckpt'} "
                                                 f"at step {step}; resume=auto continues"], done.stderr[-2000:]
-    resumed = train(tmp_path, f"run_dir={run_dir}", *ddp, "resume=auto")
+    resumed = train(tmp_path, f"run_dir={run_dir}", *ddp, f"trainer.max_steps={step + 50}", "resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert checkpoint(run_dir)["global_step"] == 400
+    assert checkpoint(run_dir)["global_step"] == step + 50

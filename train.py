@@ -123,7 +123,7 @@ def log_hparams(cfg: Config, trainer: L.Trainer, summary: dict) -> None:
 def finished(run_dir: Optional[Path], resume: Optional[Path], checkpoint: Optional[dict], cfg: Config) -> bool:
     """Whether ``checkpoint`` is the end of the finished run in ``run_dir`` (summary.json written at its step),
     with nothing left to do: its step budget spent, or every member solved."""
-    if checkpoint is None or run_dir is None or resume.resolve().parent.parent != run_dir.resolve():
+    if checkpoint is None or not resumes_in(run_dir, resume):
         return False
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -131,6 +131,11 @@ def finished(run_dir: Optional[Path], resume: Optional[Path], checkpoint: Option
         return False
     step = checkpoint["global_step"]
     return summary.get("steps") == step and (step >= cfg.trainer.max_steps or all_solved(summary.get("solved_step")))
+
+
+def resumes_in(run_dir: Optional[Path], resume: Optional[Path]) -> bool:
+    """Whether ``resume`` is a checkpoint of the run in ``run_dir`` (run_dir/checkpoints/X.ckpt)."""
+    return run_dir is not None and resume is not None and resume.resolve().parent.parent == run_dir.resolve()
 
 
 def all_solved(solved_step) -> bool:
@@ -188,7 +193,7 @@ def main(argv: list[str]) -> int:
     if trainer.is_global_zero:  # only rank 0 writes to the run directory
         try:
             run_dir = run_dir or make_run_dir(cfg.experiment, cfg.seed)
-            ours = checkpoint is not None and resume.resolve().parent.parent == run_dir.resolve()
+            ours = checkpoint is not None and resumes_in(run_dir, resume)
             restart = cfg.resume == "auto" and checkpoint is None and not (run_dir / "summary.json").exists()
             lock = claim(run_dir, resumes_it=ours or restart)
         except ConfigError as err:

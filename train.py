@@ -21,14 +21,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from config import Config, ConfigError, compose, to_yaml, validate
-from lightning_modules import stopping
-from lightning_modules.callbacks import StepProgressBar, Throughput
-from lightning_modules.checkpointing import (AtomicCheckpointIO, KillAtStep, ResumeState, adopt_settings,
+from runtime import stopping
+from runtime.callbacks import StepProgressBar, Throughput
+from runtime.checkpointing import (AtomicCheckpointIO, KillAtStep, ResumeState, adopt_settings,
                                              load_for_resume, resume_path, run_identity, run_settings,
                                              tensorboard_resume_step)
-from lightning_modules.launch import (RUN_DIR_ENV, RankAgreement, check_cluster, check_devices, cluster_plugins,
+from runtime.launch import (RUN_DIR_ENV, RankAgreement, check_cluster, check_devices, cluster_plugins,
                                       run_digest, shared_run_dir)
-from lightning_modules.run_dirs import check_free, check_place, claim, make_run_dir, write_atomic
+from runtime.run_dirs import check_free, check_place, claim, make_run_dir, write_atomic
 
 
 def quiet_lightning() -> None:

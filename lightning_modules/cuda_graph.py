@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from lightning_modules import stopping
+from runtime import stopping
 
 log = logging.getLogger("paritylab.train")
 ENABLED = True  # the CUDA-graph path for CUDA tensors; False: the eager step everywhere

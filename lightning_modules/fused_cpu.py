@@ -12,7 +12,7 @@ cached across runs); ``kernels.compile=true`` turns it on.
 import torch
 
 from kernels.cpp import build
-from lightning_modules import stopping
+from runtime import stopping
 
 SOURCE = r"""
 #include <torch/extension.h>

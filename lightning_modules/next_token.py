@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import Config
-from lightning_modules import stopping
-from lightning_modules.callbacks import log_evaluation
+from runtime import stopping
+from runtime.callbacks import log_evaluation
 
 EVAL_CHUNK = 2048  # held-out prompts per forward pass
 # Dense FLOP/s by device name (first match wins): (float32 on CUDA cores, TF32 tensor cores).
@@ -33,9 +33,9 @@ def make_backbone(cfg: Config, vocab_size: int, seq_len: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         if cfg.model.kind == "transformer":
-            from lightning_modules.cot_transformer import CoTTransformer
+            from networks.transformer import CoTTransformer
             return CoTTransformer(cfg.model, vocab_size, seq_len, backend=cfg.kernels.backend)
-        from lightning_modules import autoregressive
+        from networks import autoregressive
         return autoregressive.make_backbone(cfg, vocab_size, seq_len)
 
 

@@ -18,9 +18,10 @@ from torch import nn
 
 from config import Config
 from datamodules.parity import pm1
-from lightning_modules import cuda_graph, stopping
-from lightning_modules.callbacks import log_evaluation
-from lightning_modules.hidden_progress import HiddenProgress
+from lightning_modules import cuda_graph
+from runtime import stopping
+from runtime.callbacks import log_evaluation
+from metrics.hidden_progress import HiddenProgress
 
 
 def member_generator(seed: int, member: int) -> torch.Generator:

@@ -12,7 +12,7 @@ from config import ConfigError, compose
 from datamodules.cot import CoTDataModule, tree_plan
 from datamodules.parity import Ticket
 from kernels import sparse_parity
-from lightning_modules.cot_transformer import CoTTransformer
+from networks.transformer import CoTTransformer
 from lightning_modules.next_token import NextTokenModule, completion_loss, lr_factor, make_backbone, \
     teacher_forced_and_greedy
 

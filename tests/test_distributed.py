@@ -16,7 +16,7 @@ import torch
 
 from config import CONFIG_DIR, ConfigError, compose
 from datamodules.parity import ParityBatch, ParityDataModule, Ticket, pm1
-from lightning_modules.launch import cluster_plugins, shared_run_dir
+from runtime.launch import cluster_plugins, shared_run_dir
 from lightning_modules.parity_mlp import ParityMLP
 from procs import ROOT, clean_env, finish, start, train
 SHORT = ["trainer.accelerator=cpu", "trainer.progress_bar=false", "trainer.max_steps=50", "eval.every_n_steps=50",

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from config import compose
 from datamodules.parity import ParityDataModule
-from lightning_modules.hidden_progress import (FourierGap, RelevantWeightMargin, WeightDrift, boolean_cube,
+from metrics.hidden_progress import (FourierGap, RelevantWeightMargin, WeightDrift, boolean_cube,
                                                column_norm_image, k_subsets, member_stats, walsh_hadamard)
 from lightning_modules.parity_mlp import ParityMLP
 

@@ -11,7 +11,7 @@ from config import ConfigError, compose
 from datamodules.cot import CoTDataModule
 from datamodules.multiply import MultiplyDataModule, held_out, operands, render, sequences
 from datamodules.parity import Ticket
-from lightning_modules.autoregressive import AutoregressiveNet
+from networks.autoregressive import AutoregressiveNet
 from lightning_modules.next_token import completion_loss, make_backbone, teacher_forced_and_greedy
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from config import ConfigError, compose
 from datamodules.parity import TicketStream, secret_for
-from lightning_modules.checkpointing import (IDENTITY_KEY, LOGGED_STEP_KEY, AtomicCheckpointIO, ResumeState,
+from runtime.checkpointing import (IDENTITY_KEY, LOGGED_STEP_KEY, AtomicCheckpointIO, ResumeState,
                                              load_for_resume, resume_path, run_identity)
 from lightning_modules.parity_mlp import ParityMLP
 from procs import ROOT, TIMEOUT, checkpoint, clean_env, finish, one_error_line, start, train
@@ -80,7 +80,7 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path):
     script = f"""
 import os, signal, sys, torch
 sys.path.insert(0, {str(ROOT)!r})
-from lightning_modules.checkpointing import AtomicCheckpointIO
+from runtime.checkpointing import AtomicCheckpointIO
 io, save = AtomicCheckpointIO(), torch.save
 io.save_checkpoint({{"global_step": 200, "w": torch.arange(1000.)}}, {str(path)!r})
 def dying_save(obj, file):

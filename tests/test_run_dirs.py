@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from config import ConfigError
-from lightning_modules.run_dirs import RunDirLock, claim, make_run_dir, write_atomic
+from runtime.run_dirs import RunDirLock, claim, make_run_dir, write_atomic
 from procs import checkpoint, finish, one_error_line, train, train_process
 
 CPU = ["trainer.accelerator=cpu", "trainer.progress_bar=false", "eval.size=256"]

@@ -25,7 +25,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
 from config import Config, ConfigError
-from lightning_modules.run_dirs import write_atomic
+from runtime.run_dirs import write_atomic
 
 IDENTITY_KEY = "paritylab"  # checkpoint entry: what problem the weights were trained on
 RNG_KEY = "paritylab_rng"

@@ -1,0 +1,1 @@
+"""What a run needs around training: run directories, checkpoints, signals, launchers, callbacks."""

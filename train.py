@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from config import Config, ConfigError, compose, to_yaml, validate
 from runtime import stopping
+from runtime.experiment import build
 from runtime.callbacks import StepProgressBar, Throughput
 from runtime.checkpointing import (AtomicCheckpointIO, KillAtStep, ResumeState, adopt_settings,
                                              load_for_resume, resume_path, run_identity, run_settings,
@@ -60,27 +61,6 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list, tb_purge_step: Op
         plugins=[AtomicCheckpointIO(preload), *cluster_plugins()], default_root_dir=run_dir / "checkpoints",
         callbacks=[checkpoints, *callbacks], enable_progress_bar=False, enable_model_summary=False,
         log_every_n_steps=1, num_sanity_val_steps=0, limit_val_batches=0)
-
-
-def build(cfg: Config) -> tuple[L.LightningDataModule, L.LightningModule]:
-    """The datamodule and module of an experiment, chosen by model.name and data.task."""
-    if cfg.model.name == "mlp":
-        from datamodules.parity import ParityDataModule
-        from lightning_modules.parity_mlp import ParityMLP
-        return ParityDataModule(cfg), ParityMLP(cfg)
-    if cfg.model.name == "next_token" and cfg.data.task == "parity":
-        from datamodules.cot import CoTDataModule
-        from lightning_modules.next_token import NextTokenModule, make_backbone
-        dm = CoTDataModule(cfg)
-        backbone = make_backbone(cfg, dm.vocab_size, dm.seq_len)
-        return dm, NextTokenModule(cfg, backbone, dm.prompt_len, dm.seq_len, dm.answer_len)
-    if cfg.model.name == "next_token" and cfg.data.task == "multiply":
-        from datamodules.multiply import MultiplyDataModule
-        from lightning_modules.next_token import NextTokenModule, make_backbone
-        dm = MultiplyDataModule(cfg)
-        backbone = make_backbone(cfg, dm.vocab_size, dm.seq_len)
-        return dm, NextTokenModule(cfg, backbone, dm.prompt_len, dm.seq_len, dm.answer_len)
-    raise ConfigError(f"model.name: {cfg.model.name!r} with data.task {cfg.data.task!r} is not available")
 
 
 def summarize(cfg: Config, dm: L.LightningDataModule, model: L.LightningModule, trainer: L.Trainer) -> dict:

@@ -3,12 +3,19 @@
 A run's config is composed as: schema defaults <- configs/train.yaml <- configs/trainer/<T>.yaml
 <- configs/experiment/<E>.yaml <- command-line dotlist. ``experiment=E`` and ``trainer=T`` on the
 command line pick the presets; every other argument is a dotted ``key=value`` override.
+
+The schema is assembled per run: the ``data`` section is the dataclass its task declares for the
+batch format its model family takes (datamodules/), the ``model`` section (and any ``eval`` or
+``kernels`` extension) is the model family's (lightning_modules/), the ``optim`` section is the
+optimizer's. An experiment accepts exactly those keys. A preset's key that belongs to another
+task, family or optimizer is dropped, so ``experiment=cot_parity model.kind=linear`` works; the
+same key given on the command line is refused, naming it.
 """
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, ClassVar, NamedTuple, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -19,43 +26,42 @@ GROUPS = ("experiment", "trainer")
 
 @dataclass
 class DataConfig:
-    n: int = 50
-    k: int = 3
+    """What every task's section holds; a task's dataclass adds its own keys (datamodules/)."""
+    format: ClassVar[str] = "classifier"  # the batch format the section serves: classifier | sequence
+    task: str = "parity"
     batch_size: int = 32  # global: ranks split it
-    noise: float = 0.0
-    secret: Optional[list[int]] = None  # default: drawn from the seed
-    task: str = "parity"  # parity | multiply (sequence tasks of model.name=next_token)
-    chain: str = "none"  # none | sequential | tree: the intermediate steps a sequence task shows
-    digits: int = 2  # operand digits of the multiply task
 
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"  # mlp (parity classifier) | next_token (autoregressive, architecture = kind)
-    kind: str = "transformer"  # next_token architecture: transformer | linear | mlp
-    depth: int = 2  # transformer blocks (mlp kind: hidden layers)
-    d_model: int = 128
-    heads: int = 4
-    positional: str = "learned"  # learned | rope | none
-    width: int = 100
-    ensemble: int = 1
+    """What every model family's section holds; a family's dataclass adds its own keys (lightning_modules/)."""
+    name: str = "mlp"
+    ensemble: int = 1  # members trained at once, each its own init and data streams
     member_offset: int = 0  # members are [offset, offset + ensemble): member m alone == member m in a group
-    activation: str = "relu"  # relu | sin | poly
-    power: int = 2  # exponent of the poly activation z**power
-    init: str = "uniform"  # uniform (Xavier) | gaussian (Kaiming) | sign | sparse
-    init_sparsity: int = 2  # nonzero inputs per neuron for init=sparse
-    loss: str = "hinge"  # hinge | square | logistic
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adam
+    name: str = "sgd"
     lr: float = 0.1
-    momentum: float = 0.0
     weight_decay: float = 0.0
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warmup from 0
     schedule: str = "constant"  # constant | cosine (decay to 10% over trainer.max_steps)
-    grad_clip: float = 0.0  # 0: off
+    grad_clip: float = 0.0  # clip each member's gradient norm to this; 0: off
+
+
+@dataclass
+class SGDConfig(OptimConfig):
+    momentum: float = 0.0
+
+
+@dataclass
+class AdamConfig(OptimConfig):
+    name: str = "adam"  # adam (L2 weight decay) | adamw (decoupled)
+    lr: float = 0.001
+
+
+OPTIMIZERS: dict[str, type[OptimConfig]] = {"sgd": SGDConfig, "adam": AdamConfig, "adamw": AdamConfig}
 
 
 @dataclass
@@ -75,7 +81,6 @@ class TrainerConfig:
 class EvalConfig:
     every_n_steps: int = 500
     size: int = 8192  # held-out samples per member; solved = 100% on them
-    hidden_progress: bool = True  # log the hidden-progress measures (margin, Fourier gap, drift) at each eval
 
 
 @dataclass
@@ -86,7 +91,6 @@ class CheckpointConfig:
 @dataclass
 class KernelsConfig:
     backend: str = "auto"  # auto | triton | torch
-    compile: bool = False  # CPU: data generation and the ReLU/hinge SGD step as C++ (built once, ~40 s; cached)
 
 
 @dataclass
@@ -98,7 +102,7 @@ class Config:
     resume_force: bool = False  # resume a checkpoint of another experiment, n, k, seed or secret
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: OptimConfig = field(default_factory=SGDConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -110,16 +114,7 @@ class ConfigError(ValueError):
 
 
 CHOICES = {
-    "data.chain": ("none", "sequential", "tree"),
-    "data.task": ("parity", "multiply"),
-    "model.name": ("mlp", "next_token"),
-    "model.kind": ("transformer", "linear", "mlp"),
-    "model.positional": ("learned", "rope", "none"),
     "optim.schedule": ("constant", "cosine"),
-    "model.activation": ("relu", "sin", "poly"),
-    "model.init": ("uniform", "gaussian", "sign", "sparse"),
-    "model.loss": ("hinge", "square", "logistic"),
-    "optim.name": ("sgd", "adam", "adamw"),
     "kernels.backend": ("auto", "triton", "torch"),
 }
 
@@ -136,21 +131,97 @@ def compose(args: list[str], machine: bool = True) -> Config:
             raise ConfigError(f"argument {arg!r}: expected key=value")
         (groups.__setitem__(key, value) if key in GROUPS else dotlist.append(arg))
     try:
-        cfg = OmegaConf.structured(Config)
         base = OmegaConf.load(CONFIG_DIR / "train.yaml")
         groups = {**base.pop("defaults", {}), **groups}
-        cfg = OmegaConf.merge(cfg, base)
-        for group in ("trainer", "experiment"):
-            cfg = OmegaConf.merge(cfg, _preset(group, groups[group]))
+        presets = [("configs/train.yaml", base)]
+        presets += [(f"configs/{group}/{groups[group]}.yaml", _preset(group, groups[group])) for group in GROUPS[::-1]]
+        given = OmegaConf.from_dotlist(dotlist)
+        raw = OmegaConf.merge(*(layer for _, layer in presets), given)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+    schema = schema_for(raw)
+    cfg = OmegaConf.structured(schema)
+    known = known_keys()
+    for where, layer in presets:
+        for key in leaves(layer):
+            if not has_key(cfg, key) and key in known:  # a key of another task, family or optimizer
+                parent, _, name = key.rpartition(".")
+                del OmegaConf.select(layer, parent)[name]
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{where}: {_one_line(err)}") from None
+    for key in leaves(given):
+        if not has_key(cfg, key):
+            raise ConfigError(f"{key}: {'does not apply to ' + describe(schema, key) if key in known else 'unknown key'}")
+    try:
+        cfg = OmegaConf.merge(cfg, given)
         cfg.experiment = groups["experiment"]
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
         config: Config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
-    validate(config)
+    validate(config, given=set(leaves(given)))
     if machine:
         check_memory(config)
     return config
+
+
+def schema_for(raw: DictConfig) -> Config:
+    """The run's schema: the sections its task, model family and optimizer declare, at their defaults."""
+    from datamodules import task_class
+    from lightning_modules import model_family
+    task = task_class(OmegaConf.select(raw, "data.task", default="parity"))
+    family = model_family(raw.get("model") or {})
+    if family.format not in task.configs:
+        raise ConfigError(f"data.task: the {task.name} task has no {family.format} format for model "
+                          f"{family.key} (it serves {', '.join(task.configs)} models)")
+    name = OmegaConf.select(raw, "optim.name", default="sgd")
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name: {name!r} is not one of {', '.join(OPTIMIZERS)}")
+    sections = {"data": task.configs[family.format](), "model": family.Config(), "optim": OPTIMIZERS[name](name=name)}
+    return Config(**sections, **{section: cls() for section, cls in family.sections.items()})
+
+
+def known_keys() -> set[str]:
+    """Every key some task, model family or optimizer declares."""
+    from datamodules import TASKS
+    from lightning_modules import MODELS
+    classes = [("data", c) for task in TASKS.values() for c in task.configs.values()]
+    classes += [("model", family.Config) for family in MODELS.values()]
+    classes += [(section, c) for family in MODELS.values() for section, c in family.sections.items()]
+    classes += [("optim", c) for c in OPTIMIZERS.values()]
+    keys = {f"{section}.{f.name}" for section, c in classes for f in fields(c)}
+    return keys | set(leaves(OmegaConf.structured(Config)))
+
+
+def describe(schema: Config, key: str) -> str:
+    """Whom a key of another section's schema does not apply to (for the refusal)."""
+    from lightning_modules import model_family
+    section = key.split(".")[0]
+    if section == "data":
+        return f"the {schema.data.task} task with model {model_family(schema.model).key}"
+    if section == "optim":
+        return f"optim.name={schema.optim.name}"
+    return f"model {model_family(schema.model).key}"
+
+
+def leaves(node: DictConfig, prefix: str = "") -> list[str]:
+    """The dotted keys of a config's leaves (a list value is a leaf)."""
+    keys = []
+    for key in node.keys():
+        value = node._get_node(key) if isinstance(node, DictConfig) else node[key]
+        child = f"{prefix}{key}"
+        keys += leaves(value, child + ".") if isinstance(value, DictConfig) and not value._is_none() else [child]
+    return keys
+
+
+def has_key(cfg: DictConfig, key: str) -> bool:
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        node = node._get_node(part)
+    return True
 
 
 def _preset(group: str, name: str) -> DictConfig:
@@ -167,96 +238,59 @@ def _one_line(err: OmegaConfBaseException) -> str:
     return f"{key}: {message}" if key else message
 
 
-STREAM_IDS = 2**32  # a Philox counter word; member m trains on stream 2m and evaluates on 2m + 1 (datamodules/parity)
 SAMPLE_IDS = 2**64  # a sample's index within its stream is 64-bit (kernels/sparse_parity.py)
-MAX_DIGITS = 9  # multiply operands fit one 32-bit word and their product int64 (datamodules/multiply.py)
 
 
-def validate(cfg: Config, world_size: Optional[int] = None) -> None:
-    """Reject impossible values with one line naming the key."""
+def validate(cfg: Config, world_size: Optional[int] = None, given: set[str] = frozenset()) -> None:
+    """Reject impossible values with one line naming the key: the shared keys here, the task's and the model
+    family's keys by their own checks. ``given``: the keys set on the command line."""
+    from datamodules import task_class
+    from lightning_modules import model_family
     d, o, t = cfg.data, cfg.optim, cfg.trainer
-
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        _need(value in allowed, key, f"{value!r} is not one of {', '.join(allowed)}")
-    _need(0 <= cfg.seed < 2**63, "seed", f"must be in [0, 2**63), got {cfg.seed}")
-    _need(d.n >= 1, "data.n", f"must be >= 1, got {d.n}")
-    _need(d.k >= 1, "data.k", f"must be >= 1, got {d.k}")
-    _need(d.k <= d.n, "data.k", f"must be <= data.n ({d.n}), got {d.k}")
-    _need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
-    _need(0.0 <= d.noise < 0.5, "data.noise", f"must be in [0, 0.5), got {d.noise}")  # nan fails too
-    if d.secret is not None:
-        _need(len(d.secret) == d.k and len(set(d.secret)) == d.k and all(0 <= i < d.n for i in d.secret),
-              "data.secret", f"must be {d.k} distinct indices in [0, {d.n}), got {list(d.secret)}")
-    if d.task == "multiply":
-        _need(1 <= d.digits <= MAX_DIGITS, "data.digits", f"must be in [1, {MAX_DIGITS}], got {d.digits}")
-        _need(d.chain in ("none", "sequential"), "data.chain",
-              f"the multiply task has chains none and sequential, got {d.chain!r}")
-        _need(d.noise == 0, "data.noise", f"the multiply task has no label noise, got {d.noise}")
-    _validate_model(cfg)
-    _need(math.isfinite(o.lr) and o.lr > 0, "optim.lr", f"must be a finite number > 0, got {o.lr}")
-    _need(math.isfinite(o.momentum) and 0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
-    _need(math.isfinite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay",
-          f"must be a finite number >= 0, got {o.weight_decay}")
-    _need(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
-    _need(math.isfinite(o.grad_clip) and o.grad_clip >= 0, "optim.grad_clip",
-          f"must be a finite number >= 0 (0: off), got {o.grad_clip}")
-    _need(t.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {t.max_steps}")
-    _need(t.max_steps * d.batch_size <= SAMPLE_IDS, "trainer.max_steps",
-          f"{t.max_steps} steps of data.batch_size {d.batch_size} exceed the 2**64 sample indices of a stream")
-    _need(t.num_nodes >= 1, "trainer.num_nodes", f"must be >= 1, got {t.num_nodes}")
-    _need(t.cpu_threads >= 0, "trainer.cpu_threads", f"must be >= 0, got {t.cpu_threads}")
-    _need(t.fail_at_step >= 0, "trainer.fail_at_step", f"must be >= 0, got {t.fail_at_step}")
-    _need(t.steps_per_batch >= 0, "trainer.steps_per_batch", f"must be >= 0, got {t.steps_per_batch}")
-    _need(cfg.eval.every_n_steps >= 1, "eval.every_n_steps", f"must be >= 1, got {cfg.eval.every_n_steps}")
-    _need(cfg.eval.size >= 1, "eval.size", f"must be >= 1, got {cfg.eval.size}")
-    _need(cfg.eval.size <= SAMPLE_IDS, "eval.size", f"must be <= 2**64 (sample indices), got {cfg.eval.size}")
-    _need(cfg.checkpoint.every_n_steps >= 1, "checkpoint.every_n_steps",
-          f"must be >= 1, got {cfg.checkpoint.every_n_steps}")
+        need(value in allowed, key, f"{value!r} is not one of {', '.join(allowed)}")
+    need(0 <= cfg.seed < 2**63, "seed", f"must be in [0, 2**63), got {cfg.seed}")
+    need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+    task_class(d.task).validate(cfg)
+    model_family(cfg.model).validate(cfg, given)
+    need(math.isfinite(o.lr) and o.lr > 0, "optim.lr", f"must be a finite number > 0, got {o.lr}")
+    if isinstance(o, SGDConfig):
+        need(math.isfinite(o.momentum) and 0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
+    need(math.isfinite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay",
+         f"must be a finite number >= 0, got {o.weight_decay}")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    need(math.isfinite(o.grad_clip) and o.grad_clip >= 0, "optim.grad_clip",
+         f"must be a finite number >= 0 (0: off), got {o.grad_clip}")
+    need(t.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {t.max_steps}")
+    need(t.max_steps * d.batch_size <= SAMPLE_IDS, "trainer.max_steps",
+         f"{t.max_steps} steps of data.batch_size {d.batch_size} exceed the 2**64 sample indices of a stream")
+    need(t.num_nodes >= 1, "trainer.num_nodes", f"must be >= 1, got {t.num_nodes}")
+    need(t.cpu_threads >= 0, "trainer.cpu_threads", f"must be >= 0, got {t.cpu_threads}")
+    need(t.fail_at_step >= 0, "trainer.fail_at_step", f"must be >= 0, got {t.fail_at_step}")
+    need(t.steps_per_batch >= 0, "trainer.steps_per_batch", f"must be >= 0, got {t.steps_per_batch}")
+    need(cfg.eval.every_n_steps >= 1, "eval.every_n_steps", f"must be >= 1, got {cfg.eval.every_n_steps}")
+    need(cfg.eval.size >= 1, "eval.size", f"must be >= 1, got {cfg.eval.size}")
+    need(cfg.eval.size <= SAMPLE_IDS, "eval.size", f"must be <= 2**64 (sample indices), got {cfg.eval.size}")
+    need(cfg.checkpoint.every_n_steps >= 1, "checkpoint.every_n_steps",
+         f"must be >= 1, got {cfg.checkpoint.every_n_steps}")
     devices = t.devices
-    _need(devices == "auto" or (isinstance(devices, int) and devices >= 1) or isinstance(devices, list),
-          "trainer.devices", f"must be a count >= 1, a list of ids or 'auto', got {devices!r}")
+    need(devices == "auto" or (isinstance(devices, int) and devices >= 1) or isinstance(devices, list),
+         "trainer.devices", f"must be a count >= 1, a list of ids or 'auto', got {devices!r}")
     world_size = world_size or _world_size(cfg)
     if world_size:
-        _need(d.batch_size % world_size == 0, "data.batch_size",
-              f"{d.batch_size} is not divisible by the world size {world_size}")
+        need(d.batch_size % world_size == 0, "data.batch_size",
+             f"{d.batch_size} is not divisible by the world size {world_size}")
     if t.steps_per_batch:
         for key, every in (("eval.every_n_steps", cfg.eval.every_n_steps),
                            ("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps)):
-            _need(every % t.steps_per_batch == 0, "trainer.steps_per_batch",
-                  f"{t.steps_per_batch} must divide {key} ({every})")
+            need(every % t.steps_per_batch == 0, "trainer.steps_per_batch",
+                 f"{t.steps_per_batch} must divide {key} ({every})")
 
 
-def _validate_model(cfg: Config) -> None:
-    """The sizes of the model family ``model.name`` (and its ``model.kind``) that can be built."""
-    d, m = cfg.data, cfg.model
-    _need(m.width >= 1, "model.width", f"must be >= 1, got {m.width}")
-    _need(m.ensemble >= 1, "model.ensemble", f"must be >= 1, got {m.ensemble}")
-    _need(m.member_offset >= 0, "model.member_offset", f"must be >= 0, got {m.member_offset}")
-    if m.name == "mlp":
-        _need(d.task == "parity", "model.name", f"'mlp' learns the parity task only, got data.task {d.task!r}")
-        last = STREAM_IDS // 2  # member m's streams 2m and 2m + 1 must be < 2**32
-        _need(m.member_offset + m.ensemble <= last, "model.member_offset",
-              f"members [{m.member_offset}, {m.member_offset + m.ensemble}) need stream ids up to "
-              f"{2 * (m.member_offset + m.ensemble) - 1}, past 2**32 - 1: model.member_offset + model.ensemble "
-              f"must be <= 2**31")
-        _need(m.power >= 1, "model.power", f"must be >= 1, got {m.power}")
-        _need(1 <= m.init_sparsity <= d.n, "model.init_sparsity",
-              f"must be in [1, data.n], got {m.init_sparsity}")
-        return
-    _need(m.ensemble == 1, "model.ensemble", f"next-token models train one member, got {m.ensemble}")
-    if m.kind == "transformer":
-        _need(m.d_model >= 1, "model.d_model", f"must be >= 1, got {m.d_model}")
-        _need(m.heads >= 1, "model.heads", f"must be >= 1, got {m.heads}")
-        _need(m.d_model % m.heads == 0, "model.heads", f"must divide model.d_model ({m.d_model}), got {m.heads}")
-        _need(m.positional != "rope" or (m.d_model // m.heads) % 2 == 0, "model.positional",
-              f"rope needs an even head dim (model.d_model / model.heads), got {m.d_model // m.heads}")
-    if m.kind in ("transformer", "mlp"):
-        _need(m.depth >= 1, "model.depth", f"must be >= 1, got {m.depth}")
-
-
-def _need(ok: bool, key: str, problem: str) -> None:
+def need(ok: bool, key: str, problem: str) -> None:
+    """Raise ConfigError "key: problem" unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key}: {problem}")
 
@@ -278,58 +312,21 @@ class Term(NamedTuple):
         return math.prod(size for _, size, _ in self.sizes) * self.bytes_each
 
 
-def seq_len(d: DataConfig) -> int:
-    """Tokens of one sequence of a next-token task (the formats of datamodules/cot.py and multiply.py)."""
-    if d.task == "multiply":
-        t = d.digits
-        chain = 2 * t * t + t - 1 + (t - 1) * (2 * t + 1) + 1 if d.chain == "sequential" else 0
-        return 4 * t + 2 + chain
-    return d.n + 2 + {"none": 0, "sequential": d.k - 1, "tree": max(d.k - 2, 0)}[d.chain]
-
-
 def footprint(cfg: Config) -> list[Term]:
-    """The largest tensors one process of the run holds at once: an estimate meant to err high."""
-    d, m, t, e = cfg.data, cfg.model, cfg.trainer, cfg.eval
+    """The largest tensors one process of the run holds at once (its model family's estimate, meant to err high)."""
+    from datamodules import task_class
+    from lightning_modules import model_family
+    return model_family(cfg.model).footprint(cfg, task_class(cfg.data.task))
+
+
+def batch_sizes(cfg: Config) -> tuple[tuple[str, int, Optional[str]], tuple[str, int, Optional[str]]]:
+    """(steps per Lightning batch, local batch size) as footprint sizes."""
+    d, t, e = cfg.data, cfg.trainer, cfg.eval
     world = _world_size(cfg) or 1
     every = math.gcd(e.every_n_steps, cfg.checkpoint.every_n_steps)
     steps = 1 if world > 1 else min(t.steps_per_batch or min(100, every), t.max_steps)
-    local = ("data.batch_size", max(1, d.batch_size // world), "data.batch_size")
-    per_batch = [("steps per batch", steps, "trainer.steps_per_batch"), local]
-    if m.name == "mlp":
-        E, n = ("model.ensemble", m.ensemble, "model.ensemble"), ("data.n", d.n, "data.n")
-        width = ("model.width", m.width, "model.width")
-        terms = [Term("first layer, its initial copy, gradient and optimizer state", [("4", 4, None), E, width, n],
-                      FLOAT),
-                 Term("held-out set, its generation and the Fourier gap's copy",
-                      [("3", 3, None), E, ("eval.size", e.size, "eval.size"), n], FLOAT),
-                 Term("training batch", [E, *per_batch, n], FLOAT),
-                 Term("hidden activations and their gradient", [("2", 2, None), E, local, width], FLOAT)]
-        sampled = math.comb(d.n, d.k) > 2048 if d.n <= 2048 else d.k < d.n  # C(n, k) >= n for 0 < k < n
-        if sampled:  # the Fourier gap's random k-subsets: rand + argsort (hidden_progress.py)
-            terms.append(Term("Fourier-gap subset draws", [("4096", 4096, None), n], FLOAT + INDEX))
-        elif d.n <= 16 and e.hidden_progress:  # its exact transform over the whole boolean cube
-            terms.append(Term("outputs on the boolean cube", [E, ("2**data.n", 2**d.n, "data.n")], 2 * FLOAT))
-        return terms
-    T = ("seq_len", seq_len(d), "data.digits" if d.task == "multiply" else "data.n")
-    vocab = ("vocab", 15 if d.task == "multiply" else 3, None)
-    chunk = ("eval chunk", min(EVAL_CHUNK, e.size), "eval.size")
-    terms = [Term("held-out set", [("eval.size", e.size, "eval.size"), T], INDEX),
-             Term("training batch", [*per_batch, T], INDEX)]
-    if m.kind == "transformer":
-        depth, D = ("model.depth", m.depth, "model.depth"), ("model.d_model", m.d_model, "model.d_model")
-        return terms + [Term("weights, gradients and Adam state", [("4 x 12", 48, None), depth, D, D], FLOAT),
-                        Term("activations kept for the backward pass", [("16", 16, None), local, T, depth, D], FLOAT),
-                        Term("evaluation pass: KV cache and activations",
-                             [("2 x model.depth + 12", 2 * m.depth + 12, "model.depth"), chunk, T, D], FLOAT)]
-    out = vocab if m.kind == "linear" else ("model.width", m.width, "model.width")
-    terms += [Term("CausalLinear blocks, gradient and Adam state", [("2", 2, None), T, T, vocab, out], FLOAT),
-              Term("assembled CausalLinear matrix, its gradient and the generation cache's copy",
-                   [("3", 3, None), T, T, vocab, out], FLOAT),
-              Term("evaluation pass: prefix sums and activations", [("5", 5, None), chunk, T, out], FLOAT)]
-    if m.kind == "mlp":
-        depth = ("model.depth", m.depth, "model.depth")
-        terms.append(Term("hidden activations", [("2", 2, None), local, T, out, depth], FLOAT))
-    return terms
+    return ("steps per batch", steps, "trainer.steps_per_batch"), ("data.batch_size", max(1, d.batch_size // world),
+                                                                   "data.batch_size")
 
 
 def check_memory(cfg: Config) -> None:
@@ -399,8 +396,8 @@ def _local_processes(cfg: Config) -> int:
 def _growth(cfg: Config, key: str) -> float:
     """How many times its schema default a size key is (which key made a tensor too big)."""
     section, name = key.split(".")
-    default = getattr(getattr(Config(), section), name)
-    return getattr(getattr(cfg, section), name) / max(default, 1)
+    node = getattr(cfg, section)
+    return getattr(node, name) / max(getattr(type(node)(), name), 1)
 
 
 def _gib(n: int) -> str:

@@ -41,7 +41,8 @@ from typing import Optional
 
 import numpy as np
 
-from config import Config, ConfigError, compose, to_yaml
+from config import Config, ConfigError, compose, footprint, to_yaml
+from datamodules import task_class
 
 ROOT = Path(__file__).resolve().parent
 BOOTSTRAP = 2000
@@ -244,7 +245,7 @@ class Runner:
 
 def cost(cell: Cell) -> int:
     c = cell.cfg
-    return c.trainer.max_steps * c.model.ensemble * c.data.n * c.model.width
+    return c.trainer.max_steps * sum(term.bytes for term in footprint(c))  # steps x the largest tensors
 
 
 def run_all(cells: list[Cell], jobs: int, runner: Runner) -> list[Outcome]:
@@ -323,7 +324,7 @@ def summarize(finished: list[Outcome]) -> tuple[list[dict], list[dict]]:
                          "solved_step": int(step) if np.isfinite(step) else "",
                          "censored": int(not np.isfinite(step)), "budget": budget, "final_accuracy": acc})
         median = float(np.median(steps))
-        table.append({"cell": cell.name, "values": cell.values, "n": cell.cfg.data.n, "k": cell.cfg.data.k,
+        table.append({"cell": cell.name, "values": cell.values, **task_class(cell.cfg.data.task)(cell.cfg).keys(),
                       "members": len(members), "solved": int(np.isfinite(steps).sum()),
                       "success_probability": float(np.isfinite(steps).mean()),
                       "median_solved_step": median if math.isfinite(median) else None,

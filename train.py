@@ -64,16 +64,10 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list, tb_purge_step: Op
 
 
 def summarize(cfg: Config, dm: L.LightningDataModule, model: L.LightningModule, trainer: L.Trainer) -> dict:
-    problem = {"task": cfg.data.task, "secret": getattr(dm, "secret", None)}  # secret: None for multiply
-    if cfg.data.task == "multiply":
-        problem["digits"] = cfg.data.digits
-    else:
-        problem.update(n=cfg.data.n, k=cfg.data.k)
-    if cfg.model.name == "next_token":
-        problem.update(chain=cfg.data.chain, kind=cfg.model.kind)
+    """summary.json: the run, its problem (the task's fields) and model, and its results."""
     summary = {
-        "experiment": cfg.experiment, "seed": cfg.seed, **problem, "members": getattr(model, "members", [0]),
-        "steps": trainer.global_step,
+        "experiment": cfg.experiment, "seed": cfg.seed, **dm.summary_fields(), **model.summary_fields(),
+        "members": getattr(model, "members", [0]), "steps": trainer.global_step,
         **model.results(),
         "samples_per_s": round(float(trainer.callback_metrics["run/samples_per_s"]), 1),
         "train_wall_s": round(float(trainer.callback_metrics["run/train_wall_s"]), 3),
@@ -85,15 +79,15 @@ def summarize(cfg: Config, dm: L.LightningDataModule, model: L.LightningModule, 
     return summary
 
 
-def log_hparams(cfg: Config, trainer: L.Trainer, summary: dict) -> None:
-    """hparams with the median solved_step (unsolved members count as never) as the metric."""
+def log_hparams(cfg: Config, dm: L.LightningDataModule, model: L.LightningModule, trainer: L.Trainer,
+                summary: dict) -> None:
+    """hparams (the task's and the model's, with the optimizer's) and the median solved_step (unsolved members
+    count as never) as the metric."""
     solved = summary["solved_step"] if isinstance(summary["solved_step"], list) else [summary["solved_step"]]
     steps = sorted(s if s is not None else float("inf") for s in solved)
     median = statistics.median(steps) if steps else float("inf")
-    params = {"experiment": cfg.experiment, "seed": cfg.seed, "n": cfg.data.n, "k": cfg.data.k,
-              "batch_size": cfg.data.batch_size, "noise": cfg.data.noise, "width": cfg.model.width,
-              "ensemble": cfg.model.ensemble, "activation": cfg.model.activation, "init": cfg.model.init,
-              "loss": cfg.model.loss, "optim": cfg.optim.name, "lr": cfg.optim.lr}
+    params = {"experiment": cfg.experiment, "seed": cfg.seed, "batch_size": cfg.data.batch_size, **dm.hparam_fields(),
+              **model.hparam_fields(), "optim": cfg.optim.name, "lr": cfg.optim.lr}
     trainer.logger.log_hyperparams(params, {
         "hparams/solved_step": median if median != float("inf") else float("nan"),
         "hparams/solved_fraction": sum(s is not None for s in solved) / len(solved)})
@@ -153,7 +147,7 @@ def main(argv: list[str]) -> int:
         if run_dir is not None and trainer.is_global_zero:
             check_free(run_dir)
         resume = resume_path(cfg.resume, run_dir)
-        identity, settings = run_identity(cfg, getattr(dm, "secret", None)), run_settings(cfg)
+        identity, settings = run_identity(cfg, dm), run_settings(cfg)
         checkpoint, changed = (load_for_resume(resume, identity, model, cfg.resume_force, settings)  # every rank
                                if resume else (None, []))
         if changed:  # forced: a checkpoint of another run continues in a fresh directory, never in that run's
@@ -188,7 +182,7 @@ def main(argv: list[str]) -> int:
         adopt_settings(checkpoint, model, changed)
         print(f"resume: continuing with changed settings: {', '.join(changed)}", file=sys.stderr)
     start = f"{resume.resolve()} at step {checkpoint['global_step']}" if checkpoint else "fresh"
-    callbacks += [ResumeState(identity, settings), RankAgreement(run_digest(cfg, identity["secret"], run_dir, start))]
+    callbacks += [ResumeState(identity, settings), RankAgreement(run_digest(cfg, identity, run_dir, start))]
     callbacks += [KillAtStep(cfg.trainer.fail_at_step)] if cfg.trainer.fail_at_step else []
     trainer = build_trainer(cfg, run_dir, callbacks, tensorboard_resume_step(checkpoint) if checkpoint else None,
                             (resume, checkpoint) if checkpoint else None)
@@ -204,7 +198,7 @@ def main(argv: list[str]) -> int:
         return interrupted(signum, last, trainer.global_step, say=trainer.is_global_zero)
     if trainer.is_global_zero:
         summary = summarize(cfg, dm, model, trainer)
-        log_hparams(cfg, trainer, summary)
+        log_hparams(cfg, dm, model, trainer, summary)
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(f"run_dir: {run_dir}")
         print(f"solved_step: {summary['solved_step']}  final_accuracy: {summary['final_accuracy']}  "

@@ -86,12 +86,13 @@ def breakdown(ensemble: int, device: torch.device, steps: int = 100, repeats: in
     from types import SimpleNamespace
 
     from config import compose
-    from datamodules.parity import ParityDataModule, Ticket, pm1
+    from datamodules.parity import ParityTask
+    from datamodules.stream import Ticket, pm1
     from lightning_modules import cuda_graph
     from lightning_modules.parity_mlp import ParityMLP
 
     cfg = compose(["experiment=parity_mlp", f"model.ensemble={ensemble}"])
-    data, model = ParityDataModule(cfg), ParityMLP(cfg).to(device)
+    data, model = ParityTask(cfg), ParityMLP(cfg).to(device)
     ticket = Ticket(0, steps, 0, 1)
     batch = data.generate(ticket, device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, foreach=True)
@@ -112,7 +113,7 @@ def breakdown(ensemble: int, device: torch.device, steps: int = 100, repeats: in
             lambda: cuda_graph.plain_sgd_steps(graphed, batch.x, batch.y, wrapped)
     else:
         compiled_cfg = compose(["experiment=parity_mlp", f"model.ensemble={ensemble}", "kernels.compile=true"])
-        compiled, compiled_model = ParityDataModule(compiled_cfg), ParityMLP(compiled_cfg)
+        compiled, compiled_model = ParityTask(compiled_cfg), ParityMLP(compiled_cfg)
         parts["data generation, C++ (kernels.compile)"] = lambda: compiled.generate(ticket, device)
         parts["fused SGD step (train.py)"] = lambda: model.plain_sgd_steps(batch.x, batch.y, wrapped)
         parts["fused SGD step, C++ (kernels.compile)"] = \

@@ -21,13 +21,16 @@ on every rank. Sample g of stream s (0 trains, 1 evaluates) is the first of its 
 lies on the stream's side of the split; candidate c takes a and b from words 2 (c % 2) and
 2 (c % 2) + 1 of Philox(key=seed, counter=(c // 2, g_lo, g_hi, s)) as ``10^(d-1) + word % (9 * 10^(d-1))``,
 CANDIDATES at a time until one fits. So a sample is a pure function of (seed, stream, g), training
-never sees a held-out pair, and ranks slice the global batch as in datamodules/parity.py.
+never sees a held-out pair, and ranks slice the global batch as in datamodules/stream.py.
 """
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from config import Config, ConfigError
-from datamodules.cot import SequenceBatch
-from datamodules.parity import Ticket, TicketDataModule, eval_stream, joined, train_stream
+from config import Config, DataConfig, need
+from datamodules.stream import SequenceBatch, Ticket, eval_stream, joined, train_stream
+from datamodules.task import SequenceLayout, Task, register_task
 from kernels.philox import MASK32, philox4x32, split_seed
 
 TIMES, EQUALS, PLUS, SUM, ANSWER = 10, 11, 12, 13, 14  # tokens 0..9 are the digits
@@ -36,6 +39,15 @@ SYMBOLS = "0123456789*=+;>"
 SPLIT_STREAM = 0xFFFFFFFF  # counter word 3 of the split hash (sample streams are 0 and 1)
 CANDIDATES = 8  # pairs drawn per round; a sample whose 8 all miss its side draws 8 more
 MAX_DIGITS = 9  # a and b fit one 32-bit word, a * b fits int64
+CHAINS = ("none", "sequential")
+
+
+@dataclass
+class MultiplyConfig(DataConfig):
+    format: ClassVar[str] = "sequence"
+    task: str = "multiply"
+    digits: int = 2  # d: operands are d-digit numbers
+    chain: str = "none"  # none | sequential
 
 
 def held_out(seed: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -103,25 +115,29 @@ def render(tokens: torch.Tensor) -> str:
     return "".join(SYMBOLS[t] for t in tokens.tolist())
 
 
-class MultiplyDataModule(TicketDataModule):
+@register_task("multiply")
+class MultiplyTask(Task):
+    size_key = "data.digits"
+    configs = {"sequence": MultiplyConfig}
+
     def __init__(self, cfg: Config):
-        super().__init__()
-        d = cfg.data
-        if cfg.model.ensemble != 1:
-            raise ConfigError(f"model.ensemble: next-token models train one member, got {cfg.model.ensemble}")
-        if not 1 <= d.digits <= MAX_DIGITS:
-            raise ConfigError(f"data.digits: must be in [1, {MAX_DIGITS}], got {d.digits}")
-        if d.chain not in ("none", "sequential"):
-            raise ConfigError(f"data.chain: the multiply task has chains none and sequential, got {d.chain!r}")
-        if d.noise:
-            raise ConfigError(f"data.noise: the multiply task has no label noise, got {d.noise}")
-        self.cfg = cfg
-        self.vocab_size = VOCAB_SIZE
-        self.prompt_len = 2 * d.digits + 2
-        self.answer_len = 2 * d.digits
-        self.seq_len = sequences(torch.ones(1, dtype=torch.int64), torch.ones(1, dtype=torch.int64),
-                                 d.digits, d.chain).shape[1]
+        super().__init__(cfg)
+        layout = self.layout(cfg.data)
+        self.vocab_size, self.prompt_len = layout.vocab_size, layout.prompt_len
+        self.seq_len, self.answer_len = layout.seq_len, layout.answer_len
         self._eval_set: torch.Tensor | None = None
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        d = cfg.data
+        need(1 <= d.digits <= MAX_DIGITS, "data.digits", f"must be in [1, {MAX_DIGITS}], got {d.digits}")
+        need(d.chain in CHAINS, "data.chain", f"{d.chain!r} is not one of {', '.join(CHAINS)}")
+
+    @classmethod
+    def layout(cls, data: MultiplyConfig) -> SequenceLayout:
+        one = torch.ones(1, dtype=torch.int64)
+        return SequenceLayout(VOCAB_SIZE, 2 * data.digits + 2, sequences(one, one, data.digits, data.chain).shape[1],
+                              2 * data.digits)
 
     def sample(self, start: int, count: int, stream: int, device: torch.device) -> torch.Tensor:
         """Samples [start, start + count) of ``stream`` (train or eval side of the split), (count, seq_len)."""

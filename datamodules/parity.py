@@ -1,20 +1,37 @@
-"""An infinite k-sparse parity stream, sharded exactly across ranks (DESIGN.md, rule 1).
+"""The k-sparse parity task: n random bits, the label is the parity of the k bits of a secret.
 
-The DataLoader yields a tiny ``Ticket`` per Lightning batch; the samples themselves are generated
-on the training device in ``on_after_batch_transfer``. Member m of an ensemble trains on stream
-``2 m`` and is evaluated on stream ``2 m + 1``, so no training sample is ever an evaluation sample.
+Two batch formats. Classifiers get ``ClassifierBatch`` (inputs, +/-1 labels), one stream pair per
+ensemble member; sequence models get ``x_1 .. x_n, SEP, chain`` tokens (datamodules/cot.py), where
+``data.chain`` picks the intermediate steps before the answer. Samples are made on the training device
+by ``kernels.sparse_parity``: a pure function of (seed, stream, sample index), sliced across ranks
+(datamodules/stream.py).
 """
-import math
-from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, IterableDataset
 
-from config import Config
+from config import Config, ConfigError, DataConfig, need
+from datamodules.cot import CHAINS, VOCAB_SIZE, chain_len, tree_chain
+from datamodules.stream import ClassifierBatch, SequenceBatch, Ticket, eval_stream, joined, pm1, train_stream
+from datamodules.task import SequenceLayout, Task, register_task
 from kernels import sparse_parity
 from kernels.sparse_parity import on_device
+
+
+@dataclass
+class ParityConfig(DataConfig):
+    format: ClassVar[str] = "classifier"
+    n: int = 50
+    k: int = 3
+    noise: float = 0.0  # probability that a training label is flipped
+    secret: Optional[list[int]] = None  # default: drawn from the seed
+
+
+@dataclass
+class ParityChainConfig(ParityConfig):
+    format: ClassVar[str] = "sequence"
+    chain: str = "none"  # none | sequential | tree: the intermediate steps before the answer
 
 
 def secret_for(seed: int, n: int, k: int) -> list[int]:
@@ -23,89 +40,50 @@ def secret_for(seed: int, n: int, k: int) -> list[int]:
     return torch.randperm(n, generator=generator)[:k].tolist()
 
 
-def train_stream(member: int) -> int:
-    return 2 * member
+@register_task("parity")
+class ParityTask(Task):
+    size_key = "data.n"
+    configs = {"classifier": ParityConfig, "sequence": ParityChainConfig}
 
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        d = cfg.data
+        self._secret = list(d.secret) if d.secret is not None else secret_for(cfg.seed, d.n, d.k)
+        first = cfg.model.member_offset
+        self.members = list(range(first, first + cfg.model.ensemble))
+        if self.format == "sequence":
+            layout = self.layout(d)
+            self.vocab_size, self.prompt_len = layout.vocab_size, layout.prompt_len
+            self.seq_len, self.answer_len = layout.seq_len, layout.answer_len
+        self._eval_set = None
 
-def eval_stream(member: int) -> int:
-    return 2 * member + 1
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        d = cfg.data
+        need(d.n >= 1, "data.n", f"must be >= 1, got {d.n}")
+        need(d.k >= 1, "data.k", f"must be >= 1, got {d.k}")
+        need(d.k <= d.n, "data.k", f"must be <= data.n ({d.n}), got {d.k}")
+        need(0.0 <= d.noise < 0.5, "data.noise", f"must be in [0, 0.5), got {d.noise}")  # nan fails too
+        if d.secret is not None:
+            need(len(d.secret) == d.k and len(set(d.secret)) == d.k and all(0 <= i < d.n for i in d.secret),
+                 "data.secret", f"must be {d.k} distinct indices in [0, {d.n}), got {list(d.secret)}")
+        if d.format == "sequence":
+            need(d.chain in CHAINS, "data.chain", f"{d.chain!r} is not one of {', '.join(CHAINS)}")
 
+    @classmethod
+    def input_size(cls, data: ParityConfig) -> int:
+        return data.n
 
-class Ticket(NamedTuple):
-    """SGD steps [step, step + steps) of rank ``rank`` out of ``world_size``."""
-    step: int
-    steps: int
-    rank: int
-    world_size: int
+    @classmethod
+    def layout(cls, data: ParityChainConfig) -> SequenceLayout:
+        return SequenceLayout(VOCAB_SIZE, data.n + 1, data.n + 1 + chain_len(data.chain, data.k), 1)
 
+    @property
+    def secret(self) -> list[int]:
+        return self._secret
 
-class TicketStream(IterableDataset):
-    """Tickets from the trainer's current step (so a resumed run continues the same stream)."""
-
-    def __init__(self, start_step: Callable[[], int], steps_per_batch: int, max_steps: int,
-                 rank: int, world_size: int):
-        self.start_step, self.steps_per_batch, self.max_steps = start_step, steps_per_batch, max_steps
-        self.rank, self.world_size = rank, world_size
-
-    def __iter__(self) -> Iterator[Ticket]:
-        step = self.start_step()
-        while step < self.max_steps:  # a start off the grid (resumed from an end-of-run checkpoint) rejoins it
-            steps = min(self.steps_per_batch - step % self.steps_per_batch, self.max_steps - step)
-            yield Ticket(step, steps, self.rank, self.world_size)
-            step += steps
-
-
-class ParityBatch(NamedTuple):
-    x: torch.Tensor  # (members, steps, local batch, n): float +/-1 on GPUs, uint8 bits on CPUs (see pm1)
-    y: torch.Tensor  # (members, steps, local batch) float +/-1
-    step: int
-
-
-def pm1(x: torch.Tensor) -> torch.Tensor:
-    """Inputs as the MLP takes them, float +/-1 (= 1 - 2 bits), from either layout of ParityBatch.x.
-
-    On a GPU the Triton kernel writes +/-1 floats directly; on a CPU a ticket's inputs stay bits
-    (a quarter of the memory traffic), and the model converts one step's slice at a time.
-    """
-    return x if x.is_floating_point() else 1.0 - 2.0 * x.float()
-
-
-def steps_per_batch(cfg: Config, world_size: int) -> int:
-    """SGD steps one Lightning batch carries: 1 under DDP (one reducer pass per forward)."""
-    if world_size > 1:
-        return 1
-    if cfg.trainer.steps_per_batch:
-        return cfg.trainer.steps_per_batch
-    every = math.gcd(cfg.eval.every_n_steps, cfg.checkpoint.every_n_steps)
-    return max(d for d in range(1, min(every, 100) + 1) if every % d == 0)
-
-
-class TicketDataModule(L.LightningDataModule):
-    """A DataModule whose loader yields tickets and whose ``generate`` makes their samples on the device."""
-
-    cfg: Config
-
-    def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        rank, world = trainer.global_rank, trainer.world_size
-        stream = TicketStream(lambda: trainer.global_step, steps_per_batch(self.cfg, world),
-                              self.cfg.trainer.max_steps, rank, world)
-        return DataLoader(stream, batch_size=None, num_workers=0)
-
-    def on_after_batch_transfer(self, ticket: Ticket, dataloader_idx: int):
-        return self.generate(ticket, self.trainer.strategy.root_device)
-
-    def generate(self, ticket: Ticket, device: torch.device):
-        raise NotImplementedError
-
-    def ticket_ranges(self, ticket: Ticket) -> list[tuple[int, int]]:
-        """(start, count) sample ranges of rank r's slice of each global batch in the ticket's steps, in order:
-        one contiguous range when a single rank takes whole batches."""
-        batch = self.cfg.data.batch_size
-        if ticket.world_size == 1:
-            return [(ticket.step * batch, ticket.steps * batch)]
-        local = batch // ticket.world_size
-        return [(t * batch + ticket.rank * local, local) for t in range(ticket.step, ticket.step + ticket.steps)]
+    def keys(self) -> dict:
+        return {key: value for key, value in super().keys().items() if key != "secret"}  # written as drawn
 
     def device_args(self, stream: int | list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The secret and ``stream`` as tensors on ``device``, validated and copied once, not on every step."""
@@ -115,26 +93,15 @@ class TicketDataModule(L.LightningDataModule):
             cache[key] = on_device(self.secret, stream, self.cfg.data.n, device)
         return cache[key]
 
-
-def joined(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
-    """torch.cat of ``parts`` along ``dim``, without a copy when there is one part."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
-
-
-class ParityDataModule(TicketDataModule):
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.cfg = cfg
-        d = cfg.data
-        self.secret = list(d.secret) if d.secret is not None else secret_for(cfg.seed, d.n, d.k)
-        first = cfg.model.member_offset
-        self.members = list(range(first, first + cfg.model.ensemble))
-        self._eval_set: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def generate(self, ticket: Ticket, device: torch.device) -> ParityBatch:
-        """The samples of a ticket: rank r's slice of each global batch in the ticket's steps."""
+    def generate(self, ticket: Ticket, device: torch.device) -> ClassifierBatch | SequenceBatch:
+        """Rank r's slice of each global batch in the ticket's steps."""
+        local = self.cfg.data.batch_size // ticket.world_size
+        ranges = self.ticket_ranges(ticket)
+        if self.format == "sequence":
+            tokens = joined([self.sequences(start, count, train_stream(0), self.cfg.data.noise, device)
+                             for start, count in ranges])
+            return SequenceBatch(tokens.view(ticket.steps, local, self.seq_len), ticket.step)
         d = self.cfg.data
-        local = d.batch_size // ticket.world_size
         streams = [train_stream(m) for m in self.members]
         secret, stream_ids = self.device_args(streams, device)
         layout = "pm1" if device.type == "cuda" else "bits"
@@ -145,18 +112,36 @@ class ParityDataModule(TicketDataModule):
                                     layout=layout, compile=self.cfg.kernels.compile)
             return x, pm1(y)
 
-        xs, ys = zip(*(draw(start, count) for start, count in self.ticket_ranges(ticket)))
+        xs, ys = zip(*(draw(start, count) for start, count in ranges))
         x, y = joined(list(xs), 1), joined(list(ys), 1)
-        members = len(streams)
-        return ParityBatch(x.view(members, ticket.steps, local, d.n),
-                           y.view(members, ticket.steps, local), ticket.step)
+        return ClassifierBatch(x.view(len(streams), ticket.steps, local, d.n),
+                           y.view(len(streams), ticket.steps, local), ticket.step)
 
-    def eval_set(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fixed held-out samples: x (members, size, n) and y (members, size), +/-1."""
-        if self._eval_set is None or self._eval_set[0].device != device:
-            x, y, _ = sparse_parity(self.cfg.seed, 0, self.cfg.eval.size, self.cfg.data.n, self.secret,
-                                    stream=[eval_stream(m) for m in self.members],
-                                    backend=self.cfg.kernels.backend, device=device, layout="pm1",
-                                    compile=self.cfg.kernels.compile)
-            self._eval_set = (x, y)  # noiseless: solved means exactly the parity
+    def sequences(self, start: int, count: int, stream: int, noise: float, device: torch.device) -> torch.Tensor:
+        """Samples [start, start + count) of ``stream`` as token sequences, int64 (count, seq_len)."""
+        d = self.cfg.data
+        secret, stream_id = self.device_args(stream, device)
+        tokens, y, _ = sparse_parity(self.cfg.seed, start, count, d.n, secret, stream=stream_id, noise=noise,
+                                     backend=self.cfg.kernels.backend, device=device, layout="tokens")
+        if d.chain == "tree":
+            chain = tree_chain(tokens[:, secret])
+            tokens = torch.cat([tokens[:, :self.prompt_len], chain], dim=1)
+        elif d.chain == "none":
+            tokens = tokens[:, :self.prompt_len + 1].clone()
+        tokens[:, -1] = y  # the (possibly noisy) answer
+        return tokens
+
+    def eval_set(self, device: torch.device):
+        """The fixed held-out samples (noiseless: solved means exactly the parity). Classifiers: x (members,
+        size, n) and y (members, size), +/-1; sequence models: int64 tokens (eval.size, seq_len)."""
+        cached = self._eval_set
+        if cached is None or (cached[0] if isinstance(cached, tuple) else cached).device != device:
+            if self.format == "sequence":
+                self._eval_set = self.sequences(0, self.cfg.eval.size, eval_stream(0), 0.0, device)
+            else:
+                x, y, _ = sparse_parity(self.cfg.seed, 0, self.cfg.eval.size, self.cfg.data.n, self.secret,
+                                        stream=[eval_stream(m) for m in self.members],
+                                        backend=self.cfg.kernels.backend, device=device, layout="pm1",
+                                        compile=self.cfg.kernels.compile)
+                self._eval_set = (x, y)
         return self._eval_set

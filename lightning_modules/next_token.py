@@ -14,11 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import Config
+from config import EVAL_CHUNK, FLOAT, INDEX, Config, Term, batch_sizes, need
+from lightning_modules.family import ModelFamily, model_family, register_model
+from networks.autoregressive import LinearConfig, NextTokenMLPConfig, linear_next_token, mlp_next_token
+from networks.transformer import CoTTransformer, TransformerConfig
 from runtime import stopping
 from runtime.callbacks import log_evaluation
 
-EVAL_CHUNK = 2048  # held-out prompts per forward pass
+POSITIONALS = ("learned", "rope", "none")
 # Dense FLOP/s by device name (first match wins): (float32 on CUDA cores, TF32 tensor cores).
 PEAK_FLOPS = {
     "H100 PCIe": (51.2e12, 378e12),
@@ -29,14 +32,10 @@ PEAK_FLOPS = {
 
 
 def make_backbone(cfg: Config, vocab_size: int, seq_len: int) -> nn.Module:
-    """The sequence model of ``model.kind``, its init drawn from the seed alone (not the global RNG's state)."""
+    """The network of ``cfg``'s next-token family, its init drawn from the seed alone (not the global RNG's state)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        if cfg.model.kind == "transformer":
-            from networks.transformer import CoTTransformer
-            return CoTTransformer(cfg.model, vocab_size, seq_len, backend=cfg.kernels.backend)
-        from networks import autoregressive
-        return autoregressive.make_backbone(cfg, vocab_size, seq_len)
+        return model_family(cfg.model).network(cfg, vocab_size, seq_len)
 
 
 def completion_loss(logits: torch.Tensor, tokens: torch.Tensor, prompt_len: int) -> torch.Tensor:
@@ -87,7 +86,42 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class NextTokenModule(L.LightningModule):
+class NextTokenModule(ModelFamily, L.LightningModule):
+    """Trains a next-token network; each family below names its network and config."""
+    format = "sequence"
+
+    @staticmethod
+    def network(cfg: Config, vocab_size: int, seq_len: int) -> nn.Module:
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, cfg: Config, task) -> "NextTokenModule":
+        return cls(cfg, make_backbone(cfg, task.vocab_size, task.seq_len), task.prompt_len, task.seq_len,
+                   task.answer_len)
+
+    @classmethod
+    def validate(cls, cfg: Config, given: set[str]) -> None:
+        m = cfg.model
+        need(m.ensemble == 1, "model.ensemble", f"next-token models train one member, got {m.ensemble}")
+        need(m.member_offset == 0, "model.member_offset", f"next-token models train member 0, got {m.member_offset}")
+
+    @classmethod
+    def footprint(cls, cfg: Config, task) -> list[Term]:
+        layout, e = task.layout(cfg.data), cfg.eval
+        T = ("seq_len", layout.seq_len, task.size_key)
+        return [Term("held-out set", [("eval.size", e.size, "eval.size"), T], INDEX),
+                Term("training batch", [*batch_sizes(cfg), T], INDEX)]
+
+    @staticmethod
+    def eval_chunk(cfg: Config) -> tuple[str, int, str]:
+        return "eval chunk", min(EVAL_CHUNK, cfg.eval.size), "eval.size"
+
+    def summary_fields(self) -> dict:
+        return {"model": self.key, "kind": self.cfg.model.kind}
+
+    def hparam_fields(self) -> dict:
+        return {"model": self.key, "kind": self.cfg.model.kind, "parameters": sum(p.numel() for p in self.parameters())}
+
     def __init__(self, cfg: Config, backbone: nn.Module, prompt_len: int, seq_len: int, answer_len: int):
         super().__init__()
         self.automatic_optimization = False
@@ -182,3 +216,79 @@ class NextTokenModule(L.LightningModule):
         if peak:
             out["mfu"] = round(6 * params * self.tokens_per_s / (peak * self.trainer.world_size), 5)
         return out
+
+
+@register_model("next_token", kind="transformer", default=True)
+class TransformerLM(NextTokenModule):
+    Config = TransformerConfig
+
+    @staticmethod
+    def network(cfg: Config, vocab_size: int, seq_len: int) -> nn.Module:
+        return CoTTransformer(cfg.model, vocab_size, seq_len, backend=cfg.kernels.backend)
+
+    @classmethod
+    def validate(cls, cfg: Config, given: set[str]) -> None:
+        super().validate(cfg, given)
+        m = cfg.model
+        need(m.positional in POSITIONALS, "model.positional", f"{m.positional!r} is not one of {', '.join(POSITIONALS)}")
+        need(m.depth >= 1, "model.depth", f"must be >= 1, got {m.depth}")
+        need(m.d_model >= 1, "model.d_model", f"must be >= 1, got {m.d_model}")
+        need(m.heads >= 1, "model.heads", f"must be >= 1, got {m.heads}")
+        need(m.d_model % m.heads == 0, "model.heads", f"must divide model.d_model ({m.d_model}), got {m.heads}")
+        need(m.positional != "rope" or (m.d_model // m.heads) % 2 == 0, "model.positional",
+             f"rope needs an even head dim (model.d_model / model.heads), got {m.d_model // m.heads}")
+
+    @classmethod
+    def footprint(cls, cfg: Config, task) -> list[Term]:
+        m, T = cfg.model, ("seq_len", task.layout(cfg.data).seq_len, task.size_key)
+        depth, D = ("model.depth", m.depth, "model.depth"), ("model.d_model", m.d_model, "model.d_model")
+        local = batch_sizes(cfg)[1]
+        return super().footprint(cfg, task) + [
+            Term("weights, gradients and Adam state", [("4 x 12", 48, None), depth, D, D], FLOAT),
+            Term("activations kept for the backward pass", [("16", 16, None), local, T, depth, D], FLOAT),
+            Term("evaluation pass: KV cache and activations",
+                 [("2 x model.depth + 12", 2 * m.depth + 12, "model.depth"), cls.eval_chunk(cfg), T, D], FLOAT)]
+
+
+class CausalLinearLM(NextTokenModule):
+    """The CausalLinear families (networks/autoregressive.py): their memory is the T x T block matrix."""
+
+    @classmethod
+    def footprint(cls, cfg: Config, task) -> list[Term]:
+        layout = task.layout(cfg.data)
+        T, vocab = ("seq_len", layout.seq_len, task.size_key), ("vocab", layout.vocab_size, None)
+        out = (("model.width", cfg.model.width, "model.width") if hasattr(cfg.model, "width")
+               else ("vocab", layout.vocab_size, None))
+        terms = super().footprint(cfg, task) + [
+            Term("CausalLinear blocks, gradient and Adam state", [("2", 2, None), T, T, vocab, out], FLOAT),
+            Term("assembled CausalLinear matrix, its gradient and the generation cache's copy",
+                 [("3", 3, None), T, T, vocab, out], FLOAT),
+            Term("evaluation pass: prefix sums and activations", [("5", 5, None), cls.eval_chunk(cfg), T, out], FLOAT)]
+        if hasattr(cfg.model, "depth"):
+            terms.append(Term("hidden activations", [("2", 2, None), batch_sizes(cfg)[1], T, out,
+                                                     ("model.depth", cfg.model.depth, "model.depth")], FLOAT))
+        return terms
+
+
+@register_model("next_token", kind="linear")
+class LinearLM(CausalLinearLM):
+    Config = LinearConfig
+
+    @staticmethod
+    def network(cfg: Config, vocab_size: int, seq_len: int) -> nn.Module:
+        return linear_next_token(cfg.model, vocab_size, seq_len)
+
+
+@register_model("next_token", kind="mlp")
+class MLPLM(CausalLinearLM):
+    Config = NextTokenMLPConfig
+
+    @staticmethod
+    def network(cfg: Config, vocab_size: int, seq_len: int) -> nn.Module:
+        return mlp_next_token(cfg.model, vocab_size, seq_len)
+
+    @classmethod
+    def validate(cls, cfg: Config, given: set[str]) -> None:
+        super().validate(cfg, given)
+        need(cfg.model.width >= 1, "model.width", f"must be >= 1, got {cfg.model.width}")
+        need(cfg.model.depth >= 1, "model.depth", f"must be >= 1, got {cfg.model.depth}")

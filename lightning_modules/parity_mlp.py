@@ -11,17 +11,45 @@ autograd for every activation and loss.
 """
 import hashlib
 import math
+from dataclasses import dataclass
 
 import lightning as L
 import torch
 from torch import nn
 
-from config import Config
-from datamodules.parity import pm1
+from config import FLOAT, INDEX, Config, EvalConfig, KernelsConfig, ModelConfig, Term, batch_sizes, need
+from datamodules.stream import pm1
+from lightning_modules.family import ModelFamily, register_model
 from lightning_modules import cuda_graph
 from runtime import stopping
 from runtime.callbacks import log_evaluation
 from metrics.hidden_progress import HiddenProgress
+
+
+STREAM_IDS = 2**32  # a Philox counter word; member m trains on stream 2m and evaluates on 2m + 1
+CHOICES = {"activation": ("relu", "sin", "poly"), "init": ("uniform", "gaussian", "sign", "sparse"),
+           "loss": ("hinge", "square", "logistic"), "grad": ("auto", "autograd")}
+
+
+@dataclass
+class MLPConfig(ModelConfig):
+    width: int = 100
+    activation: str = "relu"  # relu | sin | poly
+    power: int = 2  # exponent of the poly activation z**power
+    init: str = "uniform"  # uniform (Xavier) | gaussian (Kaiming) | sign | sparse
+    init_sparsity: int = 2  # nonzero inputs per neuron for init=sparse
+    loss: str = "hinge"  # hinge | square | logistic
+    grad: str = "auto"  # auto: an accelerated step where it computes autograd's update | autograd
+
+
+@dataclass
+class MLPEvalConfig(EvalConfig):
+    hidden_progress: bool = True  # log the hidden-progress measures (margin, Fourier gap, drift) at each eval
+
+
+@dataclass
+class MLPKernelsConfig(KernelsConfig):
+    compile: bool = False  # CPU: data generation and the ReLU/hinge SGD step as C++ (built once, ~40 s; cached)
 
 
 def member_generator(seed: int, member: int) -> torch.Generator:
@@ -61,7 +89,61 @@ def init_member(cfg: Config, member: int) -> tuple[torch.Tensor, ...]:
     return w1, b1, w2, b2
 
 
-class ParityMLP(L.LightningModule):
+@register_model("mlp")
+class ParityMLP(ModelFamily, L.LightningModule):
+    format = "classifier"
+    Config = MLPConfig
+    sections = {"eval": MLPEvalConfig, "kernels": MLPKernelsConfig}
+
+    @classmethod
+    def validate(cls, cfg: Config, given: set[str]) -> None:
+        m, n = cfg.model, cfg.data.n
+        for key, allowed in CHOICES.items():
+            need(getattr(m, key) in allowed, f"model.{key}", f"{getattr(m, key)!r} is not one of {', '.join(allowed)}")
+        need(m.width >= 1, "model.width", f"must be >= 1, got {m.width}")
+        need(m.ensemble >= 1, "model.ensemble", f"must be >= 1, got {m.ensemble}")
+        need(m.member_offset >= 0, "model.member_offset", f"must be >= 0, got {m.member_offset}")
+        last = STREAM_IDS // 2  # member m's streams 2m and 2m + 1 must be < 2**32
+        need(m.member_offset + m.ensemble <= last, "model.member_offset",
+             f"members [{m.member_offset}, {m.member_offset + m.ensemble}) need stream ids up to "
+             f"{2 * (m.member_offset + m.ensemble) - 1}, past 2**32 - 1: model.member_offset + model.ensemble "
+             f"must be <= 2**31")
+        need(m.power >= 1, "model.power", f"must be >= 1, got {m.power}")
+        need("model.power" not in given or m.activation == "poly", "model.power",
+             f"applies to model.activation=poly only, got model.activation={m.activation}")
+        need(1 <= m.init_sparsity <= n, "model.init_sparsity", f"must be in [1, data.n], got {m.init_sparsity}")
+        need("model.init_sparsity" not in given or m.init == "sparse", "model.init_sparsity",
+             f"applies to model.init=sparse only, got model.init={m.init}")
+
+    @classmethod
+    def footprint(cls, cfg: Config, task) -> list[Term]:
+        d, m, e = cfg.data, cfg.model, cfg.eval
+        per_batch = batch_sizes(cfg)
+        E, width = ("model.ensemble", m.ensemble, "model.ensemble"), ("model.width", m.width, "model.width")
+        n = ("data.n", task.input_size(d), "data.n")
+        terms = [Term("first layer, its initial copy, gradient and optimizer state", [("4", 4, None), E, width, n],
+                      FLOAT),
+                 Term("held-out set, its generation and the Fourier gap's copy",
+                      [("3", 3, None), E, ("eval.size", e.size, "eval.size"), n], FLOAT),
+                 Term("training batch", [E, *per_batch, n], FLOAT),
+                 Term("hidden activations and their gradient", [("2", 2, None), E, per_batch[1], width], FLOAT)]
+        if not e.hidden_progress:
+            return terms
+        sampled = math.comb(d.n, d.k) > 2048 if d.n <= 2048 else d.k < d.n  # C(n, k) >= n for 0 < k < n
+        if sampled:  # the Fourier gap's random k-subsets: rand + argsort (metrics/hidden_progress.py)
+            terms.append(Term("Fourier-gap subset draws", [("4096", 4096, None), n], FLOAT + INDEX))
+        elif d.n <= 16:  # its exact transform over the whole boolean cube
+            terms.append(Term("outputs on the boolean cube", [E, ("2**data.n", 2**d.n, "data.n")], 2 * FLOAT))
+        return terms
+
+    def summary_fields(self) -> dict:
+        return {"model": self.key}
+
+    def hparam_fields(self) -> dict:
+        m = self.cfg.model
+        return {"model": self.key, "width": m.width, "ensemble": m.ensemble, "activation": m.activation,
+                "init": m.init, "loss": m.loss}
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.automatic_optimization = False

@@ -5,6 +5,7 @@ by ``kernels.backend``). Positions are learned embeddings, rotary (RoPE, on q an
 transformer can still tell positions apart).
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,16 @@ from torch import nn
 
 from config import ConfigError, ModelConfig
 from kernels import attention
+
+
+@dataclass
+class TransformerConfig(ModelConfig):
+    name: str = "next_token"
+    kind: str = "transformer"
+    depth: int = 2  # blocks
+    d_model: int = 128
+    heads: int = 4
+    positional: str = "learned"  # learned | rope | none
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per block: keys, values (B, heads, seq_len, head_dim)
 
@@ -76,7 +87,7 @@ class Block(nn.Module):
 
 
 class CoTTransformer(nn.Module):
-    def __init__(self, m: ModelConfig, vocab_size: int, seq_len: int, backend: str = "auto"):
+    def __init__(self, m: TransformerConfig, vocab_size: int, seq_len: int, backend: str = "auto"):
         super().__init__()
         if m.d_model < 1 or m.heads < 1 or m.d_model % m.heads:
             raise ConfigError(f"model.heads: must be >= 1 and divide model.d_model ({m.d_model}), got {m.heads}")

@@ -4,7 +4,7 @@
   renames it over the target: a kill at any moment leaves the old file or the new one, never a torn one.
   It hands Lightning the checkpoint train.py already loaded and checked (``preload``), so the file is read once.
 * ``resume_path`` turns ``resume=PATH|auto`` into a file; ``load_for_resume`` refuses, with one line, a
-  missing or unreadable checkpoint, one of another problem (experiment, n, k, seed, secret) or shape, and
+  missing or unreadable checkpoint, one of another problem (experiment, seed, the task's identity: n, k, secret, ...) or shape, and
   one trained with other settings (``run_settings``: optimizer, schedule, model, data). ``resume_force=true``
   accepts the last two, and ``adopt_settings`` then makes the new optimizer settings take effect.
 * ``ResumeState`` stores that identity, the settings and the RNG states in every checkpoint and puts the RNG back.
@@ -31,7 +31,6 @@ IDENTITY_KEY = "paritylab"  # checkpoint entry: what problem the weights were tr
 RNG_KEY = "paritylab_rng"
 LOGGED_STEP_KEY = "paritylab_logged_step"
 SETTINGS_KEY = "paritylab_settings"
-IDENTITY_FIELDS = ("experiment", "n", "k", "seed", "secret")
 REQUEUE_SNAPSHOT = "hpc_ckpt_"  # Lightning's name for what its SLURM signal handler saves
 log = logging.getLogger(__name__)
 
@@ -67,16 +66,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         write_atomic(path, lambda file: torch.save(checkpoint, file))
 
 
-def run_identity(cfg: Config, secret: Optional[list[int]]) -> dict:
-    """What a checkpoint must match to be resumed: the problem, not the hyperparameters."""
-    return {"experiment": cfg.experiment, "n": cfg.data.n, "k": cfg.data.k, "seed": cfg.seed,
-            "secret": list(secret) if secret is not None else None}
+def run_identity(cfg: Config, task) -> dict:
+    """What a checkpoint must match to be resumed: the experiment, the seed and the task's problem."""
+    return {"experiment": cfg.experiment, "seed": cfg.seed, **task.identity()}
 
 
 # Options that do not change what is trained (where it runs, how often it is looked at or saved, same-bits
-# kernels): they may differ on resume. trainer.max_steps is a budget, except where the schedule spans it.
-RUN_OPTIONS = ("run_dir", "resume", "resume_force", "trainer.max_steps", "trainer.accelerator", "trainer.devices",
-               "trainer.num_nodes", "trainer.strategy", "trainer.steps_per_batch", "trainer.progress_bar",
+# kernels, the path that computes autograd's update): they may differ on resume. trainer.max_steps is a budget,
+# except where the schedule spans it.
+RUN_OPTIONS = ("run_dir", "resume", "resume_force", "model.grad", "trainer.max_steps", "trainer.accelerator",
+               "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.steps_per_batch", "trainer.progress_bar",
                "trainer.cpu_threads", "trainer.fail_at_step", "eval.every_n_steps", "eval.size",
                "eval.hidden_progress", "checkpoint.every_n_steps", "kernels.backend", "kernels.compile")
 
@@ -131,8 +130,8 @@ def load_for_resume(path: Path, identity: dict, model: torch.nn.Module, force: b
     if not isinstance(checkpoint, dict) or not {"state_dict", "global_step", IDENTITY_KEY} <= checkpoint.keys():
         raise ConfigError(f"resume: {path} is not a paritylab checkpoint (no state_dict, global_step or identity)")
     stored = checkpoint[IDENTITY_KEY]
-    differ = [f"{key} {stored.get(key)!r} vs {identity[key]!r}" for key in IDENTITY_FIELDS
-              if stored.get(key) != identity[key]]
+    differ = [f"{key} {stored.get(key)!r} vs {identity.get(key)!r}" for key in dict.fromkeys([*identity, *stored])
+              if stored.get(key) != identity.get(key)]
     if differ and not force:
         raise ConfigError(f"resume: {path} was trained on another problem (checkpoint vs config: {'; '.join(differ)});"
                           " resume_force=true continues anyway")

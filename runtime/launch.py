@@ -89,9 +89,9 @@ def cluster_plugins() -> list:
     return []
 
 
-def run_digest(cfg: Config, secret: Optional[list[int]], run_dir: Path, start: str) -> int:
+def run_digest(cfg: Config, identity: dict, run_dir: Path, start: str) -> int:
     """A 63-bit fingerprint of what every rank must share; ``start``: the checkpoint and step, or fresh."""
-    text = f"{to_yaml(cfg)}\nsecret: {secret}\nrun_dir: {run_dir.resolve()}\nstart: {start}"
+    text = f"{to_yaml(cfg)}\nidentity: {identity}\nrun_dir: {run_dir.resolve()}\nstart: {start}"
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 

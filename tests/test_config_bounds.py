@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import config
-from config import CONFIG_DIR, ConfigError, compose, footprint, seq_len
+from config import CONFIG_DIR, ConfigError, compose, footprint
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -27,7 +27,7 @@ BAD = [  # (arguments, the key the error must name)
     ("eval.size=100000000000000000000", "eval.size"),
     ("experiment=multiply_cot data.digits=0", "data.digits"), ("experiment=multiply_cot data.digits=10", "data.digits"),
     ("experiment=multiply_cot data.chain=tree", "data.chain"), ("experiment=multiply_cot data.noise=0.1", "data.noise"),
-    ("data.task=multiply", "model.name"),
+    ("data.task=multiply", "data.task"),
     (f"{COT} model.d_model=0", "model.d_model"), (f"{COT} model.d_model=-8", "model.d_model"),
     (f"{COT} model.heads=0", "model.heads"), (f"{COT} model.heads=5", "model.heads"),
     (f"{COT} model.depth=0", "model.depth"), (f"{COT} model.kind=mlp model.depth=0", "model.depth"),
@@ -46,10 +46,11 @@ def test_impossible_values_name_their_key(args, key):
 
 def test_member_streams_bound_is_exact():
     """The last member the bound admits draws from stream 2**32 - 1; one more is refused, naming the bound."""
-    from datamodules.parity import ParityDataModule, eval_stream
+    from datamodules.parity import ParityTask
+    from datamodules.stream import eval_stream
     cfg = compose(["data.n=8", "data.k=2", "eval.size=4", "model.member_offset=2147483647"])
     assert eval_stream(cfg.model.member_offset) == 2**32 - 1
-    x, _ = ParityDataModule(cfg).eval_set(torch.device("cpu"))
+    x, _ = ParityTask(cfg).eval_set(torch.device("cpu"))
     assert x.shape == (1, 4, 8)
     with pytest.raises(ConfigError, match=r"model\.member_offset \+ model\.ensemble must be <= 2\*\*31"):
         compose(["model.member_offset=2147483640", "model.ensemble=9"])
@@ -106,17 +107,13 @@ def test_every_preset_is_accepted_and_small(preset, trainer):
     [COT, "data.n=5", "data.k=2", "data.chain=tree"],
     *[["experiment=multiply_cot", f"data.digits={d}", f"data.chain={c}"] for d in (1, 2, 5, 9)
       for c in ("none", "sequential")]])
-def test_seq_len_is_the_datamodules(args):
-    from datamodules.cot import CoTDataModule
-    from datamodules.multiply import MultiplyDataModule
+def test_the_layout_the_memory_check_uses_is_the_generated_one(args):
+    from datamodules import task_class
+    from datamodules.stream import Ticket
     cfg = compose(args, machine=False)
-    dm = (MultiplyDataModule if cfg.data.task == "multiply" else CoTDataModule)(cfg)
-    assert seq_len(cfg.data) == dm.seq_len
-
-
-def test_digit_bound_is_the_multiply_tasks():
-    from datamodules.multiply import MAX_DIGITS
-    assert config.MAX_DIGITS == MAX_DIGITS
+    task = task_class(cfg.data.task)
+    tokens = task(cfg).generate(Ticket(0, 1, 0, 1), torch.device("cpu")).tokens
+    assert tokens.shape[-1] == task.layout(cfg.data).seq_len
 
 
 @pytest.mark.parametrize("args, key", [

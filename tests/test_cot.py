@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from config import ConfigError, compose
-from datamodules.cot import CoTDataModule, tree_plan
-from datamodules.parity import Ticket
+from datamodules.cot import tree_plan
+from datamodules.parity import ParityTask
+from datamodules.stream import Ticket
 from kernels import sparse_parity
 from networks.transformer import CoTTransformer
 from lightning_modules.next_token import NextTokenModule, completion_loss, lr_factor, make_backbone, \
@@ -57,7 +58,7 @@ def test_tree_shapes_by_hand():
 @pytest.mark.parametrize("chain,ks", [("none", [1, 3, 8]), ("sequential", [1, 3, 8]), ("tree", range(1, 10))])
 def test_formats_match_brute_force(chain, ks):
     for k in ks:
-        dm = CoTDataModule(cot_config(f"data.chain={chain}", f"data.k={k}", "seed=3"))
+        dm = ParityTask(cot_config(f"data.chain={chain}", f"data.k={k}", "seed=3"))
         tokens = dm.sequences(5, 50, stream=0, noise=0.0, device=torch.device("cpu"))
         bits, _, _ = sparse_parity(3, 5, 50, 12, dm.secret, stream=0, backend="torch")
         assert tokens.dtype == torch.int64 and tokens.shape == (50, dm.seq_len)
@@ -67,7 +68,7 @@ def test_formats_match_brute_force(chain, ks):
 
 
 def test_noise_flips_only_the_answer():
-    dm = CoTDataModule(cot_config("data.chain=sequential", "data.noise=0.3"))
+    dm = ParityTask(cot_config("data.chain=sequential", "data.noise=0.3"))
     clean = dm.sequences(0, 2000, 0, 0.0, torch.device("cpu"))
     noisy = dm.sequences(0, 2000, 0, 0.3, torch.device("cpu"))
     assert torch.equal(clean[:, :-1], noisy[:, :-1])
@@ -75,7 +76,7 @@ def test_noise_flips_only_the_answer():
 
 
 def test_rank_slices_make_the_global_batch_and_eval_is_held_out():
-    dm = CoTDataModule(cot_config())
+    dm = ParityTask(cot_config())
     cpu = torch.device("cpu")
     whole = dm.generate(Ticket(7, 3, 0, 1), cpu).tokens
     parts = [dm.generate(Ticket(7, 3, r, 2), cpu).tokens for r in range(2)]
@@ -84,7 +85,7 @@ def test_rank_slices_make_the_global_batch_and_eval_is_held_out():
 
 
 def test_loss_covers_exactly_the_completion():
-    dm = CoTDataModule(cot_config("data.chain=tree", "data.k=5"))
+    dm = ParityTask(cot_config("data.chain=tree", "data.k=5"))
     tokens = dm.eval_set(torch.device("cpu"))[:4]
     logits = torch.randn(4, dm.seq_len, dm.vocab_size, requires_grad=True)
     completion_loss(logits, tokens, dm.prompt_len).backward()
@@ -115,7 +116,7 @@ def test_bad_model_shapes_name_the_key():
     with pytest.raises(ConfigError, match="^model.heads:"):
         CoTTransformer(cot_config("model.heads=3").model, 3, 20)
     with pytest.raises(ConfigError, match="^model.ensemble:"):
-        CoTDataModule(cot_config("model.ensemble=2"))
+        ParityTask(cot_config("model.ensemble=2"))
 
 
 def test_warmup_then_cosine_to_ten_percent():
@@ -129,7 +130,7 @@ def test_warmup_then_cosine_to_ten_percent():
 def _one_step(backend: str) -> tuple[NextTokenModule, dict]:
     cfg = cot_config(f"kernels.backend={backend}", "data.k=3", "trainer.max_steps=1", "eval.every_n_steps=1",
                      "optim.warmup_steps=0", "seed=1")
-    dm = CoTDataModule(cfg)
+    dm = ParityTask(cfg)
     module = NextTokenModule(cfg, make_backbone(cfg, dm.vocab_size, dm.seq_len), dm.prompt_len, dm.seq_len,
                              dm.answer_len)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,

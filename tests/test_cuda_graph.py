@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from config import compose
-from datamodules.parity import ParityDataModule, Ticket
+from datamodules.parity import ParityTask
+from datamodules.stream import Ticket
 from lightning_modules import cuda_graph
 from lightning_modules.parity_mlp import ParityMLP
 
@@ -27,7 +28,7 @@ def uncounted(model: ParityMLP, lr: float) -> SimpleNamespace:
 
 def batches(cfg, device: torch.device, steps: list[int]):
     """The DataModule's batches of ``steps[0]``, ``steps[1]``, ... SGD steps, one after the other."""
-    data, start = ParityDataModule(cfg), 0
+    data, start = ParityTask(cfg), 0
     for count in steps:
         yield data.generate(Ticket(start, count, 0, 1), device)
         start += count
@@ -38,7 +39,7 @@ def fit(cfg, accelerator: str, max_steps: int) -> tuple[ParityMLP, L.Trainer]:
     trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=max_steps, max_epochs=-1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(model, datamodule=ParityDataModule(cfg))
+    trainer.fit(model, datamodule=ParityTask(cfg))
     return model, trainer
 
 

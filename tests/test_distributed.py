@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from config import CONFIG_DIR, ConfigError, compose
-from datamodules.parity import ParityBatch, ParityDataModule, Ticket, pm1
+from datamodules.parity import ParityTask
+from datamodules.stream import ClassifierBatch, Ticket, pm1
 from runtime.launch import cluster_plugins, shared_run_dir
 from lightning_modules.parity_mlp import ParityMLP
 from procs import ROOT, clean_env, finish, start, train
@@ -54,9 +55,9 @@ def assert_same_weights(a: dict, b: dict) -> float:
 
 
 # --- the stream rule and the gradient it implies (in process) -----------------------------------
-DATAMODULES = {"parity_mlp": ("datamodules.parity", "ParityDataModule", ["model.ensemble=2"]),
-               "cot_parity": ("datamodules.cot", "CoTDataModule", []),
-               "multiply_cot": ("datamodules.multiply", "MultiplyDataModule", [])}
+DATAMODULES = {"parity_mlp": ("datamodules.parity", "ParityTask", ["model.ensemble=2"]),
+               "cot_parity": ("datamodules.parity", "ParityTask", []),
+               "multiply_cot": ("datamodules.multiply", "MultiplyTask", [])}
 
 
 @pytest.mark.parametrize("experiment", DATAMODULES)
@@ -70,7 +71,7 @@ def test_rank_slices_partition_the_global_batch(experiment, world_size):
                                                                    *extra]))
     cpu = torch.device("cpu")
     whole = dm.generate(Ticket(step=5, steps=3, rank=0, world_size=1), cpu)
-    axis = 2 if isinstance(whole, ParityBatch) else 1  # the local-batch axis
+    axis = 2 if isinstance(whole, ClassifierBatch) else 1  # the local-batch axis
     parts = [dm.generate(Ticket(step=5 + t, steps=1, rank=r, world_size=world_size), cpu)
              for t in range(3) for r in range(world_size)]
     for field, expected in zip(whole._fields, whole):
@@ -85,7 +86,7 @@ def test_averaged_rank_gradients_are_the_global_batch_gradient():
     """DDP averages the ranks' autograd gradients of their local mean loss: that is the global-batch mean's."""
     world = 4
     cfg = compose(["data.n=30", "data.batch_size=64", "model.ensemble=3"])
-    dm, model = ParityDataModule(cfg), ParityMLP(cfg).double()
+    dm, model = ParityTask(cfg), ParityMLP(cfg).double()
     batch = dm.generate(Ticket(7, 1, 0, 1), torch.device("cpu"))
     loss, grads = model.loss_and_grads(pm1(batch.x[:, 0]).double(), batch.y[:, 0].double())  # one process
     params = [model.w1, model.b1, model.w2, model.b2]

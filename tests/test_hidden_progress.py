@@ -9,7 +9,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from config import compose
-from datamodules.parity import ParityDataModule
+from datamodules.parity import ParityTask
 from metrics.hidden_progress import (FourierGap, RelevantWeightMargin, WeightDrift, boolean_cube,
                                                column_norm_image, k_subsets, member_stats, walsh_hadamard)
 from lightning_modules.parity_mlp import ParityMLP
@@ -134,7 +134,7 @@ def test_a_run_logs_hidden_progress_that_ends_positive_when_solved(tmp_path):
     cfg = compose(["experiment=parity_mlp", "data.n=12", "data.k=3", "model.ensemble=3", "trainer.max_steps=1500",
                    "eval.every_n_steps=100", "checkpoint.every_n_steps=500", "trainer.progress_bar=false"])
     torch.manual_seed(0)
-    dm, model = ParityDataModule(cfg), ParityMLP(cfg)
+    dm, model = ParityTask(cfg), ParityMLP(cfg)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=cfg.trainer.max_steps, max_epochs=-1,
                         logger=TensorBoardLogger(tmp_path, name="", version="tb"), enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,

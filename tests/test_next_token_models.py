@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from config import ConfigError, compose
-from datamodules.cot import CoTDataModule
-from datamodules.multiply import MultiplyDataModule, held_out, operands, render, sequences
-from datamodules.parity import Ticket
+from datamodules.parity import ParityTask
+from datamodules.multiply import MultiplyTask, held_out, operands, render, sequences
+from datamodules.stream import Ticket
 from networks.autoregressive import AutoregressiveNet
 from lightning_modules.next_token import completion_loss, make_backbone, teacher_forced_and_greedy
 
@@ -19,12 +19,14 @@ CPU = torch.device("cpu")
 
 
 def multiply_config(*overrides: str):
-    return compose(["experiment=multiply_cot", "data.batch_size=16", "model.width=16", "eval.size=64", *overrides])
+    width = [] if "model.kind=linear" in overrides else ["model.width=16"]  # the linear model has no width
+    return compose(["experiment=multiply_cot", "data.batch_size=16", *width, "eval.size=64", *overrides])
 
 
 def backbone(kind: str, vocab: int = 15, seq_len: int = 25, depth: int = 2) -> AutoregressiveNet:
     torch.manual_seed(0)
-    net = make_backbone(multiply_config(f"model.kind={kind}", f"model.depth={depth}"), vocab, seq_len)
+    sizes = [f"model.depth={depth}"] if kind != "linear" else []  # the linear model has no depth
+    net = make_backbone(multiply_config(f"model.kind={kind}", *sizes), vocab, seq_len)
     with torch.no_grad():  # the linear model starts at zero: give every parameter a value
         for p in net.parameters():
             p.normal_()
@@ -85,7 +87,7 @@ def test_docstring_example():
 
 @pytest.mark.parametrize("digits", [1, 2, 3, 4, 9])
 def test_chain_matches_python_arithmetic(digits):
-    dm = MultiplyDataModule(multiply_config(f"data.digits={digits}", "seed=5"))
+    dm = MultiplyTask(multiply_config(f"data.digits={digits}", "seed=5"))
     tokens = dm.sample(0, 200, 0, CPU)
     assert tokens.shape == (200, dm.seq_len) and dm.prompt_len == 2 * digits + 2
     for row in tokens:
@@ -106,7 +108,7 @@ def test_split_is_a_quarter_and_streams_stay_on_their_side():
     fraction = held_out(0, pairs[:, 0], pairs[:, 1]).float().mean().item()
     assert 0.23 < fraction < 0.27
     assert not torch.equal(held_out(0, pairs[:, 0], pairs[:, 1]), held_out(1, pairs[:, 0], pairs[:, 1]))
-    dm = MultiplyDataModule(multiply_config("eval.size=6000"))
+    dm = MultiplyTask(multiply_config("eval.size=6000"))
     train = dm.generate(Ticket(0, 40, 0, 1), CPU).tokens.reshape(-1, dm.seq_len)
     held = dm.eval_set(CPU)
     train_pairs = {tuple(map(int, render(r).split("=")[0].split("*"))) for r in train}
@@ -134,7 +136,7 @@ def test_stream_is_a_pure_function_of_the_index():
 
 
 def test_ranks_slice_the_global_batch():
-    dm = MultiplyDataModule(multiply_config("data.batch_size=12"))
+    dm = MultiplyTask(multiply_config("data.batch_size=12"))
     whole = dm.generate(Ticket(4, 3, 0, 1), CPU).tokens
     for world in (2, 3):
         parts = [dm.generate(Ticket(4 + j, 1, r, world), CPU).tokens[0] for j in range(3) for r in range(world)]
@@ -145,7 +147,7 @@ def test_ranks_slice_the_global_batch():
                                           ("data.chain=tree", "data.chain"), ("data.noise=0.1", "data.noise")])
 def test_bad_multiply_config(override, key):
     with pytest.raises(ConfigError, match=key):
-        MultiplyDataModule(multiply_config(override))
+        MultiplyTask(multiply_config(override))
 
 
 def test_mlp_learns_the_parity_chain():
@@ -153,7 +155,7 @@ def test_mlp_learns_the_parity_chain():
     cfg = compose(["experiment=cot_parity", "model.kind=mlp", "model.width=64", "model.depth=1", "data.n=10",
                    "data.k=3", "data.batch_size=64", "optim.lr=0.01", "optim.weight_decay=0.0", "eval.size=512"])
     torch.manual_seed(0)
-    dm = CoTDataModule(cfg)
+    dm = ParityTask(cfg)
     net = make_backbone(cfg, dm.vocab_size, dm.seq_len)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.optim.lr)
     for tokens in dm.generate(Ticket(0, 300, 0, 1), CPU).tokens:

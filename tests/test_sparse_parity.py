@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from config import compose
-from datamodules.parity import ParityDataModule, Ticket, eval_stream, pm1, secret_for, train_stream
+from datamodules.parity import ParityTask, secret_for
+from datamodules.stream import Ticket, eval_stream, pm1, train_stream
 from kernels import cpp, philox4x32, sparse_parity
 from kernels.sparse_parity import on_device
 from kernels import sparse_parity_cpu as sp_cpu
@@ -97,8 +98,8 @@ class FakeTrainer:
         self.global_rank, self.world_size, self.global_step = rank, world, 0
 
 
-def datamodule(*args: str) -> ParityDataModule:
-    return ParityDataModule(compose(["data.n=30", "data.k=3", "data.batch_size=8", *args]))
+def datamodule(*args: str) -> ParityTask:
+    return ParityTask(compose(["data.n=30", "data.k=3", "data.batch_size=8", *args]))
 
 
 def test_rank_slices_union_to_the_global_batch():

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from config import compose, to_yaml
-from datamodules.parity import ParityDataModule, Ticket, pm1
+from datamodules.parity import ParityTask
+from datamodules.stream import Ticket, pm1
 from lightning_modules.parity_mlp import ParityMLP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -301,7 +302,7 @@ def test_fused_sgd_matches_torch_optim_sgd(activation, loss, layout, compiled):
     cfg = compose(["experiment=parity_mlp", "data.n=20", "model.ensemble=3", f"model.activation={activation}",
                    f"model.loss={loss}", "model.width=32", "optim.lr=0.05", f"kernels.compile={compiled}"])
     fused, reference = ParityMLP(cfg), ParityMLP(cfg)
-    batch = ParityDataModule(cfg).generate(Ticket(0, 60, 0, 1), torch.device("cpu"))
+    batch = ParityTask(cfg).generate(Ticket(0, 60, 0, 1), torch.device("cpu"))
     assert batch.x.dtype == torch.uint8  # CPU tickets carry bits
     xs = batch.x if layout == "bits" else pm1(batch.x)
     losses = fused.plain_sgd_steps(xs, batch.y, stub_optimizer(fused, 0.05))
@@ -326,7 +327,7 @@ def fit(args: list[str]) -> ParityMLP:
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=300, max_epochs=-1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(model, datamodule=ParityDataModule(cfg))
+    trainer.fit(model, datamodule=ParityTask(cfg))
     return model
 
 

@@ -1,0 +1,101 @@
+"""The stream machinery every task shares (docs/design.md, the stream rule).
+
+The DataLoader yields a tiny ``Ticket`` per Lightning batch; a task turns it into samples on the
+training device in ``on_after_batch_transfer``. Sample g of stream s is a pure function of
+(seed, s, g); the global batch of step t is samples [t B, (t + 1) B) and rank r of W takes its
+r-th slice. Member m of an ensemble trains on stream ``2 m`` and is evaluated on ``2 m + 1``,
+so no training sample is ever an evaluation sample.
+"""
+import math
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from config import Config
+
+
+def train_stream(member: int) -> int:
+    return 2 * member
+
+
+def eval_stream(member: int) -> int:
+    return 2 * member + 1
+
+
+class Ticket(NamedTuple):
+    """SGD steps [step, step + steps) of rank ``rank`` out of ``world_size``."""
+    step: int
+    steps: int
+    rank: int
+    world_size: int
+
+
+class ClassifierBatch(NamedTuple):
+    """A classifier task's batch, one row of streams per ensemble member."""
+    x: torch.Tensor  # (members, steps, local batch, n): float +/-1 on GPUs, uint8 bits on CPUs (see pm1)
+    y: torch.Tensor  # (members, steps, local batch) float +/-1
+    step: int
+
+
+class SequenceBatch(NamedTuple):
+    """A sequence task's batch: int64 tokens (steps, local batch, seq_len); the loss covers the completion."""
+    tokens: torch.Tensor
+    step: int
+
+
+class TicketStream(IterableDataset):
+    """Tickets from the trainer's current step (so a resumed run continues the same stream)."""
+
+    def __init__(self, start_step: Callable[[], int], steps_per_batch: int, max_steps: int,
+                 rank: int, world_size: int):
+        self.start_step, self.steps_per_batch, self.max_steps = start_step, steps_per_batch, max_steps
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[Ticket]:
+        step = self.start_step()
+        while step < self.max_steps:  # a start off the grid (resumed from an end-of-run checkpoint) rejoins it
+            steps = min(self.steps_per_batch - step % self.steps_per_batch, self.max_steps - step)
+            yield Ticket(step, steps, self.rank, self.world_size)
+            step += steps
+
+
+def pm1(x: torch.Tensor) -> torch.Tensor:
+    """Inputs as a classifier takes them, float +/-1 (= 1 - 2 bits), from bits or from +/-1 floats.
+
+    On a GPU the Triton kernel writes +/-1 floats directly; on a CPU a ticket's inputs stay bits
+    (a quarter of the memory traffic), and the model converts one step's slice at a time.
+    """
+    return x if x.is_floating_point() else 1.0 - 2.0 * x.float()
+
+
+def steps_per_batch(cfg: Config, world_size: int) -> int:
+    """SGD steps one Lightning batch carries: 1 under DDP (one reducer pass per forward)."""
+    if world_size > 1:
+        return 1
+    if cfg.trainer.steps_per_batch:
+        return cfg.trainer.steps_per_batch
+    every = math.gcd(cfg.eval.every_n_steps, cfg.checkpoint.every_n_steps)
+    return max(d for d in range(1, min(every, 100) + 1) if every % d == 0)
+
+
+def ticket_ranges(ticket: Ticket, batch: int) -> list[tuple[int, int]]:
+    """(start, count) sample ranges of rank r's slice of each global batch of ``batch`` samples in the ticket's
+    steps, in order: one contiguous range when a single rank takes whole batches."""
+    if ticket.world_size == 1:
+        return [(ticket.step * batch, ticket.steps * batch)]
+    local = batch // ticket.world_size
+    return [(t * batch + ticket.rank * local, local) for t in range(ticket.step, ticket.step + ticket.steps)]
+
+
+def ticket_loader(trainer, cfg: Config) -> DataLoader:
+    """The trainer's ticket loader: it starts at the trainer's step and splits batches across its ranks."""
+    rank, world = trainer.global_rank, trainer.world_size
+    stream = TicketStream(lambda: trainer.global_step, steps_per_batch(cfg, world), cfg.trainer.max_steps, rank, world)
+    return DataLoader(stream, batch_size=None, num_workers=0)
+
+
+def joined(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """torch.cat of ``parts`` along ``dim``, without a copy when there is one part."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)

@@ -1,0 +1,110 @@
+"""A task: one registered DataModule class that owns its config section, checks, identity and batches.
+
+To add a task, write one file under datamodules/ with a ``Task`` subclass decorated by
+``@register_task("name")`` (docs/extending.md). train.py, eval.py, the summary, TensorBoard's hparams
+and the resume check reach tasks only through this interface.
+"""
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Optional
+
+import lightning as L
+import torch
+
+from config import Config, DataConfig
+from datamodules.stream import Ticket, ticket_loader, ticket_ranges
+
+TASKS: dict[str, type["Task"]] = {}
+
+
+def register_task(name: str):
+    """Class decorator: the task ``data.task=name``."""
+    def register(cls: type["Task"]) -> type["Task"]:
+        cls.name = name
+        TASKS[name] = cls
+        return cls
+    return register
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    """How a sequence task writes a sample: tokens [0, prompt_len) are given, the rest is the completion,
+    whose last ``answer_len`` tokens are the answer."""
+    vocab_size: int
+    prompt_len: int
+    seq_len: int
+    answer_len: int
+
+
+class Task(L.LightningDataModule):
+    """Base of every task. ``configs`` maps each batch format the task serves ("classifier": inputs and
+    labels; "sequence": prompt, chain and answer tokens) to the dataclass of its ``data`` section."""
+
+    name: ClassVar[str]
+    configs: ClassVar[dict[str, type[DataConfig]]]
+    size_key: ClassVar[str]  # the key that sizes a sample (blamed when a run would not fit in memory)
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.format = cfg.data.format
+
+    # --- the config section -------------------------------------------------------------------
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        """Refuse impossible values of the task's keys (ConfigError naming the key)."""
+
+    @classmethod
+    def input_size(cls, data: DataConfig) -> int:
+        """Classifier format: input coordinates per sample."""
+        raise NotImplementedError
+
+    @classmethod
+    def layout(cls, data: DataConfig) -> SequenceLayout:
+        """Sequence format: the token layout of a sample."""
+        raise NotImplementedError
+
+    # --- what a run records ---------------------------------------------------------------------
+    def keys(self) -> dict[str, Any]:
+        """The task's own keys and values (the data section but for its batch size)."""
+        return {f.name: getattr(self.cfg.data, f.name) for f in fields(self.cfg.data) if f.name != "batch_size"}
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed: the problem, not the hyperparameters."""
+        return {**self.keys(), "secret": self.secret}
+
+    def summary_fields(self) -> dict[str, Any]:
+        """summary.json fields that name the problem (``secret`` is None where a task has none)."""
+        return {**self.keys(), "secret": self.secret}
+
+    def hparam_fields(self) -> dict[str, Any]:
+        """TensorBoard hparams of the problem (scalars and strings only)."""
+        return {key: value for key, value in self.keys().items() if isinstance(value, (int, float, str, bool))}
+
+    @property
+    def secret(self) -> Optional[list[int]]:
+        return None
+
+    # --- batches ----------------------------------------------------------------------------------
+    def train_dataloader(self):
+        return ticket_loader(self.trainer, self.cfg)
+
+    def on_after_batch_transfer(self, ticket: Ticket, dataloader_idx: int):
+        return self.generate(ticket, self.trainer.strategy.root_device)
+
+    def ticket_ranges(self, ticket: Ticket) -> list[tuple[int, int]]:
+        return ticket_ranges(ticket, self.cfg.data.batch_size)
+
+    def generate(self, ticket: Ticket, device: torch.device):
+        """The training samples of a ticket on ``device``, in the task's batch format."""
+        raise NotImplementedError
+
+    def eval_set(self, device: torch.device):
+        """The fixed held-out samples on ``device`` (never training samples)."""
+        raise NotImplementedError
+
+
+def task_class(name: str) -> type[Task]:
+    from config import ConfigError
+    if name not in TASKS:
+        raise ConfigError(f"data.task: unknown task {name!r} (known: {', '.join(sorted(TASKS))})")
+    return TASKS[name]

@@ -46,6 +46,14 @@ class ModelFamily:
         """The module for ``cfg``, trained on ``task`` (a datamodules.Task)."""
         return cls(cfg)
 
+    def measure(self, task):
+        """The held-out evaluation of the current weights on this module's device (what evaluate(step) records)."""
+        raise NotImplementedError
+
+    def metrics(self, measured) -> dict[str, Any]:
+        """The summary.json fields of a ``measure`` result (final_accuracy, ...)."""
+        raise NotImplementedError
+
     def summary_fields(self) -> dict[str, Any]:
         """summary.json fields that name the model (besides its results)."""
         return {}

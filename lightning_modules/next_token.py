@@ -188,9 +188,19 @@ class NextTokenModule(ModelFamily, L.LightningModule):
         return (hits / torch.tensor([tokens.shape[0] * length, tokens.shape[0], tokens.shape[0]],
                                     device=tokens.device)).float()
 
+    def measure(self, dm) -> torch.Tensor:
+        """(token, greedy, chain) accuracy on ``dm.eval_set``, on this module's device."""
+        return self.scores(dm.eval_set(self.device))
+
+    @staticmethod
+    def metrics(accuracy: torch.Tensor) -> dict:
+        """The evaluation's summary.json fields; the final accuracy is the greedy one."""
+        token, greedy, chain = accuracy.tolist()
+        return {"final_accuracy": greedy, "greedy_accuracy": greedy, "token_accuracy": token, "chain_accuracy": chain}
+
     def evaluate(self, step: int) -> None:
         """Score the held-out set; record the first step of 100% greedy accuracy and stop there."""
-        self.accuracy = self.scores(self.trainer.datamodule.eval_set(self.device))
+        self.accuracy = self.measure(self.trainer.datamodule)
         token, greedy, chain = self.accuracy.tolist()
         if greedy == 1.0 and self.solved_step < 0:
             self.solved_step.fill_(step)
@@ -206,11 +216,9 @@ class NextTokenModule(ModelFamily, L.LightningModule):
 
     def results(self) -> dict:
         """summary.json fields."""
-        token, greedy, chain = self.accuracy.tolist()
         solved = int(self.solved_step)
         params = sum(p.numel() for p in self.backbone.parameters())
-        out = {"solved_step": solved if solved >= 0 else None, "final_accuracy": greedy, "greedy_accuracy": greedy,
-               "token_accuracy": token, "chain_accuracy": chain, "parameters": params,
+        out = {"solved_step": solved if solved >= 0 else None, **self.metrics(self.accuracy), "parameters": params,
                "tokens_per_s": round(self.tokens_per_s, 1)}
         peak = peak_flops(self.device)
         if peak:

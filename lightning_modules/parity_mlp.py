@@ -313,15 +313,26 @@ class ParityMLP(ModelFamily, L.LightningModule):
             self.evaluate(step)
 
     @torch.no_grad()
+    def measure(self, dm) -> torch.Tensor:
+        """Accuracy (E,) of every member on its held-out stream: ``dm.eval_set`` on this module's device."""
+        x, y = dm.eval_set(self.device)
+        return (self.outputs(x) * y > 0).float().mean(1)
+
+    def metrics(self, accuracy: torch.Tensor) -> dict:
+        """The evaluation's summary.json fields: per member for an ensemble, a plain value for a single model."""
+        values = accuracy.tolist()
+        return {"final_accuracy": values[0] if len(self.members) == 1 else values}
+
+    @torch.no_grad()
     def evaluate(self, step: int) -> None:
         """Accuracy of every member on its held-out stream; record first 100% as solved_step."""
-        x, y = self.trainer.datamodule.eval_set(self.device)
-        self.accuracy = (self.outputs(x) * y > 0).float().mean(1)
+        self.accuracy = self.measure(self.trainer.datamodule)
         newly = (self.accuracy == 1.0) & (self.solved_step < 0)
         self.solved_step[newly] = step
         solved = int((self.solved_step >= 0).sum())
         secret, hidden = self.trainer.datamodule.secret, {}
         if self.cfg.eval.hidden_progress:
+            x = self.trainer.datamodule.eval_set(self.device)[0]  # cached by the datamodule
             hidden = self.hidden_progress.measure(self.outputs, self.w1, self.w1_init, x[0], secret, step)
         log_evaluation(self, {"eval/accuracy_mean": self.accuracy.mean(), "eval/accuracy_min": self.accuracy.min(),
                               "eval/members_solved": solved, **hidden}, step)
@@ -335,7 +346,4 @@ class ParityMLP(ModelFamily, L.LightningModule):
     def results(self) -> dict:
         """summary.json fields: per member for an ensemble, plain values for a single model."""
         solved = [s if s >= 0 else None for s in self.solved_step.tolist()]
-        accuracy = self.accuracy.tolist()
-        if len(self.members) == 1:
-            return {"solved_step": solved[0], "final_accuracy": accuracy[0]}
-        return {"solved_step": solved, "final_accuracy": accuracy}
+        return {"solved_step": solved[0] if len(self.members) == 1 else solved, **self.metrics(self.accuracy)}

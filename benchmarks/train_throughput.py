@@ -8,7 +8,8 @@ time, data generation included). The plain side is the textbook loop doing the i
 nn.Linear MLP, hinge loss, torch.optim.SGD — timed twice: drawing each step's batch with torch.randint
 (as a plain training script does; train.py pays for its data too), and with all data generated before
 the clock starts (it pays for nothing but the update). Rates are member-steps/s: an ensemble of E
-counts E per step. ``--compile`` runs train.py with kernels.compile=true. ``--device cuda`` runs both sides
+counts E per step. Two figures for train.py: the step alone (one evaluation, at the end), and end to end
+(evaluations every 500 steps with the hidden-progress measures, over the whole training wall time). ``--compile`` runs train.py with kernels.compile=true. ``--device cuda`` runs both sides
 on the GPU (train.py with trainer.accelerator=gpu: its plain-SGD step replays as a CUDA graph).
 ``--breakdown`` adds, in this process, where an ensemble step's time goes: data generation and the fused
 plain-SGD step train.py runs (each eager and C++; on a GPU eager and as a CUDA graph), and the same step as
@@ -37,20 +38,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def lightning_rate(steps: int, ensemble: int, threads: int, compile: bool, device: torch.device) -> float:
-    """Member-steps/s of `python train.py` on the default experiment, no eval until the end.
+def lightning_rate(steps: int, ensemble: int, threads: int, compile: bool, device: torch.device,
+                   end_to_end: bool = False) -> float:
+    """Member-steps/s of `python train.py` on the default experiment.
 
-    summary.json's samples_per_s is timed from the end of the first batch (start-up excluded);
-    the plain loop likewise starts its clock after building the model and the data.
+    Step only (``end_to_end`` False): one evaluation, at the end, and summary.json's samples_per_s, timed from
+    the end of the first batch (start-up excluded; the plain loop likewise starts its clock after building the
+    model and the data). End to end: the default evaluation interval with the hidden-progress measures, and the
+    whole training loop's wall time (train_wall_s: first batch, evaluations and checkpoints included).
     """
     with tempfile.TemporaryDirectory() as tmp:
         accelerator = "gpu" if device.type == "cuda" else "cpu"
         cmd = [sys.executable, "train.py", f"run_dir={tmp}/run", f"trainer.accelerator={accelerator}",
-               f"trainer.max_steps={steps}", f"eval.every_n_steps={steps}", f"checkpoint.every_n_steps={steps}",
-               f"model.ensemble={ensemble}", f"trainer.cpu_threads={threads}", "trainer.progress_bar=false",
-               "eval.hidden_progress=false", f"kernels.compile={str(compile).lower()}"]
+               f"trainer.max_steps={steps}", f"model.ensemble={ensemble}", f"trainer.cpu_threads={threads}",
+               "trainer.progress_bar=false", f"kernels.compile={str(compile).lower()}"]
+        if not end_to_end:
+            cmd += [f"eval.every_n_steps={steps}", f"checkpoint.every_n_steps={steps}", "eval.hidden_progress=false"]
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
         summary = json.loads(Path(tmp, "run", "summary.json").read_text())
+    if end_to_end:
+        return summary["steps"] * ensemble / summary["train_wall_s"]
     return summary["samples_per_s"] / BATCH  # samples = steps x batch x members
 
 
@@ -83,21 +90,19 @@ def plain_rate(steps: int, with_data: bool, device: torch.device, n: int = 50, w
 
 def breakdown(ensemble: int, device: torch.device, steps: int = 100, repeats: int = 5) -> dict[str, float]:
     """Member-steps/s of each part of an ensemble step (best of ``repeats`` runs of ``steps`` steps)."""
-    from types import SimpleNamespace
-
     from config import compose
     from datamodules.parity import ParityTask
     from datamodules.stream import Ticket, pm1
     from lightning_modules import cuda_graph
     from lightning_modules.parity_mlp import ParityMLP
+    from runtime.lightning_adapter import UNCOUNTED
 
     cfg = compose(["experiment=parity_mlp", f"model.ensemble={ensemble}"])
     data, model = ParityTask(cfg), ParityMLP(cfg).to(device)
     ticket = Ticket(0, steps, 0, 1)
     batch = data.generate(ticket, device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, foreach=True)
-    wrapped = SimpleNamespace(optimizer=opt, _on_before_step=lambda: None, _on_after_step=lambda: None)
-    params = [model.w1, model.b1, model.w2, model.b2]
+    params, lr = list(model.net.parameters()), cfg.optim.lr
 
     def optimizer_steps() -> None:
         for j in range(steps):
@@ -108,16 +113,16 @@ def breakdown(ensemble: int, device: torch.device, steps: int = 100, repeats: in
     parts = {"data generation": lambda: data.generate(ticket, device)}
     if device.type == "cuda":  # train.py's step is the graph; a key's first call is eager, its second captures
         graphed = ParityMLP(cfg).to(device)
-        parts["fused SGD step, eager"] = lambda: model.plain_sgd_steps(batch.x, batch.y, wrapped)
+        parts["fused SGD step, eager"] = lambda: model.plain_sgd_steps(batch.x, batch.y, lr, UNCOUNTED)
         parts["fused SGD step as a CUDA graph (train.py)"] = \
-            lambda: cuda_graph.plain_sgd_steps(graphed, batch.x, batch.y, wrapped)
+            lambda: cuda_graph.plain_sgd_steps(graphed, batch.x, batch.y, lr, UNCOUNTED)
     else:
         compiled_cfg = compose(["experiment=parity_mlp", f"model.ensemble={ensemble}", "kernels.compile=true"])
         compiled, compiled_model = ParityTask(compiled_cfg), ParityMLP(compiled_cfg)
         parts["data generation, C++ (kernels.compile)"] = lambda: compiled.generate(ticket, device)
-        parts["fused SGD step (train.py)"] = lambda: model.plain_sgd_steps(batch.x, batch.y, wrapped)
+        parts["fused SGD step (train.py)"] = lambda: model.plain_sgd_steps(batch.x, batch.y, lr, UNCOUNTED)
         parts["fused SGD step, C++ (kernels.compile)"] = \
-            lambda: compiled_model.plain_sgd_steps(batch.x, batch.y, wrapped)
+            lambda: compiled_model.plain_sgd_steps(batch.x, batch.y, lr, UNCOUNTED)
     parts["gradients + torch.optim.SGD"] = optimizer_steps
     rates, warm_up = {}, 2 if device.type == "cuda" else 1  # on a GPU the second run captures the graph
     for name, part in parts.items():
@@ -172,11 +177,15 @@ def main() -> None:
     # samples, at the end) and first batch stay small parts of it
     lightning_steps = max(100 if args.ensemble == 1 else 10000, args.steps // args.ensemble // 100 * 100)
     torch.set_num_threads(args.threads)
-    ours, plain, plain_data = [], [], []
+    # end to end: evaluations every 500 steps; seed 0's single model solves (50, 3) at step 5000, so 4000 steps
+    # are never cut short; an ensemble may stop early once every member is solved (its rate counts the steps run)
+    e2e_steps = 4000 if args.ensemble == 1 else lightning_steps
+    ours, ours_e2e, plain, plain_data = [], [], [], []
     for _ in range(args.repeats):  # interleaved, so drifting machine load hits all sides alike
         plain.append(plain_rate(args.steps, with_data=False, device=device))
         plain_data.append(plain_rate(args.steps, with_data=True, device=device))
         ours.append(lightning_rate(lightning_steps, args.ensemble, args.threads, args.compile, device))
+        ours_e2e.append(lightning_rate(e2e_steps, args.ensemble, args.threads, args.compile, device, end_to_end=True))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     result = {
         "device": gpu or platform.processor() or platform.machine(), "device_type": device.type, "cpu": cpu_name(),
@@ -184,9 +193,11 @@ def main() -> None:
         "ensemble": args.ensemble, "compile": args.compile, "repeats": args.repeats,
         "plain_steps_per_s": statistics.median(plain), "plain_with_data_steps_per_s": statistics.median(plain_data),
         "train_py_member_steps_per_s": statistics.median(ours),
+        "train_py_end_to_end_member_steps_per_s": statistics.median(ours_e2e), "end_to_end_steps": e2e_steps,
     }
     result["ratio"] = result["train_py_member_steps_per_s"] / result["plain_steps_per_s"]
     result["ratio_with_data"] = result["train_py_member_steps_per_s"] / result["plain_with_data_steps_per_s"]
+    result["ratio_end_to_end"] = result["train_py_end_to_end_member_steps_per_s"] / result["plain_steps_per_s"]
     where = gpu or f"CPU, {result['threads']} threads"
     print(f"default parity MLP (n=50, width 100, batch 32, SGD), {where}, median of {args.repeats}")
     print(f"  plain PyTorch loop, data made up front   {result['plain_steps_per_s']:10.0f} steps/s")
@@ -196,6 +207,10 @@ def main() -> None:
           f"{result['train_py_member_steps_per_s']:10.0f} member-steps/s (its data generation included)")
     print(f"  ratio to the loop with its data made up front {result['ratio']:6.2f}x")
     print(f"  ratio to the loop drawing its data            {result['ratio_with_data']:6.2f}x")
+    print(f"  end to end (train_wall_s: evaluations every 500 steps with the hidden-progress measures, "
+          f"{e2e_steps} steps)")
+    print(f"    train.py {result['train_py_end_to_end_member_steps_per_s']:10.0f} member-steps/s = "
+          f"{result['ratio_end_to_end']:.2f}x the loop with its data made up front")
     if args.breakdown:
         result["breakdown_member_steps_per_s"] = breakdown(args.ensemble, device)
         print(f"  parts of an E={args.ensemble} step, in process (best of 5):")

@@ -15,17 +15,13 @@ The batch's data is generated outside the graph: the Triton kernel takes the sam
 launch arguments (a captured launch would replay the first batch's data) and copies the secret and the
 stream ids to the device (a host-to-device copy, which a capture refuses).
 """
-import logging
-from types import SimpleNamespace
-
 import torch
 
 from runtime import stopping
+from runtime.lightning_adapter import UNCOUNTED, StepCounter, count_steps
 
-log = logging.getLogger("paritylab.train")
 ENABLED = True  # the CUDA-graph path for CUDA tensors; False: the eager step everywhere
 MAX_GRAPHS = 4  # keys kept per model: a run sees one or two (full batches, a shorter last one)
-_announced: set[str] = set()
 
 
 def uses_graph(device: torch.device) -> bool:
@@ -33,20 +29,9 @@ def uses_graph(device: torch.device) -> bool:
     return ENABLED and device.type == "cuda"
 
 
-def count_steps(opt, steps: int) -> None:
-    """Lightning's per-step counters, called once per SGD step as the eager loop calls them."""
-    for _ in range(steps):
-        opt._on_before_step()
-        opt._on_after_step()
-
-
-def _no_op() -> None:
-    pass
-
-
 def _parameters(model) -> tuple[torch.Tensor, ...]:
     """The tensors the step updates in place: [w1^T; b1], w2, b2."""
-    return model.first_layer(), model.w2.detach(), model.b2.detach()
+    return model.first_layer(), model.net.w2.detach(), model.net.b2.detach()
 
 
 def graph_key(model, xs: torch.Tensor, ys: torch.Tensor, lr: float) -> tuple:
@@ -58,13 +43,12 @@ def graph_key(model, xs: torch.Tensor, ys: torch.Tensor, lr: float) -> tuple:
 class StepGraph:
     """``model.plain_sgd_steps`` over static batch buffers, captured as one CUDA graph."""
 
-    def __init__(self, model, xs: torch.Tensor, ys: torch.Tensor, optimizer: torch.optim.Optimizer):
+    def __init__(self, model, xs: torch.Tensor, ys: torch.Tensor, lr: float):
         self.xs, self.ys = torch.empty_like(xs), torch.empty_like(ys)
         self.parameters = _parameters(model)  # held, so that their memory stays theirs while the graph lives
-        uncounted = SimpleNamespace(optimizer=optimizer, _on_before_step=_no_op, _on_after_step=_no_op)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):  # records the kernels without running them: the weights stay put
-            self.losses = model.plain_sgd_steps(self.xs, self.ys, uncounted)
+            self.losses = model.plain_sgd_steps(self.xs, self.ys, lr, UNCOUNTED)
         self.complete = self.losses.shape[0] == xs.shape[1]  # False: a stop signal cut the captured loop short
         self.replays = 0
 
@@ -77,12 +61,6 @@ class StepGraph:
         return self.losses.clone()
 
 
-def _announce(message: str) -> None:
-    if message not in _announced:
-        _announced.add(message)
-        log.info(message)
-
-
 def _graphs(model, key: tuple) -> dict:
     """The model's graphs, without those of parameter memory it no longer uses, at most MAX_GRAPHS - 1 old."""
     graphs = {k: g for k, g in getattr(model, "_step_graphs", {}).items() if k[-1] == key[-1]}
@@ -92,22 +70,20 @@ def _graphs(model, key: tuple) -> dict:
     return graphs
 
 
-def plain_sgd_steps(model, xs: torch.Tensor, ys: torch.Tensor, opt) -> torch.Tensor:
-    """``model.plain_sgd_steps(xs, ys, opt)``, for CUDA tensors as a replayed CUDA graph (the same bits)."""
+def plain_sgd_steps(model, xs: torch.Tensor, ys: torch.Tensor, lr: float, count: StepCounter) -> torch.Tensor:
+    """``model.plain_sgd_steps(xs, ys, lr, count)``, for CUDA tensors as a replayed CUDA graph (the same bits)."""
     if not uses_graph(xs.device) or stopping.requested():  # a stop cuts the eager loop at a step
-        _announce(f"train path: plain-SGD step without a CUDA graph ({xs.device.type})")
-        return model.plain_sgd_steps(xs, ys, opt)
-    _announce("train path: plain-SGD step as a CUDA graph")
-    key = graph_key(model, xs, ys, opt.optimizer.param_groups[0]["lr"])
+        return model.plain_sgd_steps(xs, ys, lr, count)
+    key = graph_key(model, xs, ys, lr)
     graphs = _graphs(model, key)
     if key not in graphs:  # a key's first batch: eager
         graphs[key] = None
-        return model.plain_sgd_steps(xs, ys, opt)
+        return model.plain_sgd_steps(xs, ys, lr, count)
     if graphs[key] is None:
-        graphs[key] = StepGraph(model, xs, ys, opt.optimizer)
+        graphs[key] = StepGraph(model, xs, ys, lr)
         if not graphs[key].complete:  # nothing ran during the capture: the eager loop stops at its first step
             del graphs[key]
-            return model.plain_sgd_steps(xs, ys, opt)
+            return model.plain_sgd_steps(xs, ys, lr, count)
     losses = graphs[key].replay(xs, ys)
-    count_steps(opt, xs.shape[1])
+    count_steps(count, xs.shape[1])
     return losses

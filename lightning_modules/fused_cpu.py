@@ -89,7 +89,7 @@ def extension():
 
 @torch.no_grad()
 def plain_sgd_steps(ext, first: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, xs: torch.Tensor,
-                    ys: torch.Tensor, lr: float, opt) -> torch.Tensor:
+                    ys: torch.Tensor, lr: float, count) -> torch.Tensor:
     """ParityMLP.plain_sgd_steps for ReLU + hinge on a CPU, with the compiled module ``ext``: xs (E, steps, B, n)
     bits, ys (E, steps, B) +/-1; updates first = [w1^T; b1] (E, n + 1, W), w2 (E, W), b2 (E,) in place.
     Returns losses (steps, E)."""
@@ -100,10 +100,10 @@ def plain_sgd_steps(ext, first: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
     for j, (x_j, y_j) in enumerate(zip(xs.unbind(1), ys.unbind(1))):
         ext.bits_to_pm1(x_j, x)
         torch.bmm(x, first, out=z)
-        opt._on_before_step()  # Lightning counts the step
+        count.before()  # Lightning counts the step (runtime/lightning_adapter.py)
         ext.hinge_relu_step(z, w2, b2, y_j, slack[j], z, -1.0 / batch, lr)
         first.baddbmm_(x_t, z, alpha=-lr)
-        opt._on_after_step()
+        count.after()
         if stopping.requested():  # cut the batch short at this step
             break
     return slack[:j + 1].clamp_min_(0).mean(2)

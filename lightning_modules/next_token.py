@@ -18,6 +18,7 @@ from config import EVAL_CHUNK, FLOAT, INDEX, Config, Term, batch_sizes, need
 from lightning_modules.family import ModelFamily, model_family, register_model
 from networks.autoregressive import LinearConfig, NextTokenMLPConfig, linear_next_token, mlp_next_token
 from networks.transformer import CoTTransformer, TransformerConfig
+from lightning_modules.optimizers import lightning_optimizers, optimizer
 from runtime import stopping
 from runtime.callbacks import log_evaluation
 
@@ -76,16 +77,6 @@ def peak_flops(device: torch.device) -> float | None:
     return next((peaks[tf32] for key, peaks in PEAK_FLOPS.items() if key in name), None)
 
 
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Linear warmup over ``warmup`` steps, then constant or cosine decay to 10% at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 class NextTokenModule(ModelFamily, L.LightningModule):
     """Trains a next-token network; each family below names its network and config."""
     format = "sequence"
@@ -117,7 +108,7 @@ class NextTokenModule(ModelFamily, L.LightningModule):
         return "eval chunk", min(EVAL_CHUNK, cfg.eval.size), "eval.size"
 
     def summary_fields(self) -> dict:
-        return {"model": self.key, "kind": self.cfg.model.kind}
+        return {"model": self.key, "kind": self.cfg.model.kind, "train_path": "autograd"}  # its one path
 
     def hparam_fields(self) -> dict:
         return {"model": self.key, "kind": self.cfg.model.kind, "parameters": sum(p.numel() for p in self.parameters())}
@@ -139,13 +130,7 @@ class NextTokenModule(ModelFamily, L.LightningModule):
         decay = [p for p in self.parameters() if p.dim() >= 2]  # matrices and embeddings; no biases, norms
         rest = [p for p in self.parameters() if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-        if o.name == "sgd":
-            opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
-        else:
-            opt = (torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam)(groups, lr=o.lr)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, o.warmup_steps, self.cfg.trainer.max_steps, o.schedule))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return lightning_optimizers(optimizer(groups, o), o, self.cfg.trainer.max_steps, always=True)
 
     def training_step(self, batch, batch_idx: int) -> None:
         """Run the batch's optimizer steps: batch.tokens is (steps, local batch, seq_len)."""

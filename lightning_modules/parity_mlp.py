@@ -1,15 +1,16 @@
-"""Two-layer MLP ensembles for k-sparse parity (Barak et al. 2022), trained online by SGD.
+"""The parity classifier: trains an MLP ensemble (networks/mlp.py) online on its task's labels.
 
-An ensemble of E members is held as batched tensors: w1 (E, width, n), b1 (E, width),
-w2 (E, width), b2 (E,). Every member has its own init seed and data stream, and the loss is the
-sum of the members' mean losses, so each member's gradient, and with an elementwise optimizer
+An ensemble of E members is one batched network; every member has its own init seed and data stream, and
+the loss is the sum of the members' mean losses, so each member's gradient, and with an elementwise optimizer
 (SGD, Adam) its whole trajectory, is that of a separate run.
 
-The gradient is written out by hand (a two-layer MLP has a five-line backward): on small models
-autograd's bookkeeping costs more than the arithmetic. ``test_parity_mlp`` checks it against
-autograd for every activation and loss.
+Autograd through ``forward`` and ``losses`` is the definition of training (``model.grad=autograd``). With
+``model.grad=auto`` an accelerated step runs where it computes that same update: the gradient written out by
+hand (a two-layer MLP has a five-line backward; on small models autograd's bookkeeping costs more than the
+arithmetic), fused into the plain-SGD update (eagerly, as C++ with kernels.compile, or replayed as a CUDA
+graph). They hold only for the forward and loss they were derived from: a subclass that redefines either, or
+another network, trains by autograd. ``tests/test_parity_mlp.py`` checks each path against autograd.
 """
-import hashlib
 import math
 from dataclasses import dataclass
 
@@ -21,13 +22,16 @@ from config import FLOAT, INDEX, Config, EvalConfig, KernelsConfig, ModelConfig,
 from datamodules.stream import pm1
 from lightning_modules.family import ModelFamily, register_model
 from lightning_modules import cuda_graph
+from lightning_modules.optimizers import clip_per_member, lightning_optimizers, optimizer, scheduled
+from networks.mlp import ACTIVATIONS, INITS, MLPEnsemble, mlp_ensemble
 from runtime import stopping
 from runtime.callbacks import log_evaluation
+from runtime.lightning_adapter import StepCounter, step_counter
 from metrics.hidden_progress import HiddenProgress
 
 
 STREAM_IDS = 2**32  # a Philox counter word; member m trains on stream 2m and evaluates on 2m + 1
-CHOICES = {"activation": ("relu", "sin", "poly"), "init": ("uniform", "gaussian", "sign", "sparse"),
+CHOICES = {"activation": ACTIVATIONS, "init": INITS,
            "loss": ("hinge", "square", "logistic"), "grad": ("auto", "autograd")}
 
 
@@ -39,7 +43,7 @@ class MLPConfig(ModelConfig):
     init: str = "uniform"  # uniform (Xavier) | gaussian (Kaiming) | sign | sparse
     init_sparsity: int = 2  # nonzero inputs per neuron for init=sparse
     loss: str = "hinge"  # hinge | square | logistic
-    grad: str = "auto"  # auto: an accelerated step where it computes autograd's update | autograd
+    grad: str = "auto"  # auto: an accelerated step where it computes autograd's update | autograd: always autograd
 
 
 @dataclass
@@ -52,41 +56,13 @@ class MLPKernelsConfig(KernelsConfig):
     compile: bool = False  # CPU: data generation and the ReLU/hinge SGD step as C++ (built once, ~40 s; cached)
 
 
-def member_generator(seed: int, member: int) -> torch.Generator:
-    """The init RNG of ensemble member ``member``: a function of (seed, member) only."""
-    digest = hashlib.sha256(f"paritylab-init:{seed}:{member}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
-def init_member(cfg: Config, member: int) -> tuple[torch.Tensor, ...]:
-    """(w1, b1, w2, b2) of one member under ``model.init``."""
-    n, width, init = cfg.data.n, cfg.model.width, cfg.model.init
-    g = member_generator(cfg.seed, member)
-
-    def uniform(shape, bound):
-        return (torch.rand(shape, generator=g) * 2 - 1) * bound
-
-    def signs(shape):
-        return torch.randint(0, 2, shape, generator=g).float() * 2 - 1
-
-    if init == "uniform":  # Xavier-uniform weights, PyTorch's default biases
-        w1 = uniform((width, n), math.sqrt(6 / (n + width)))
-        w2 = uniform((width,), math.sqrt(6 / (width + 1)))
-        b1, b2 = uniform((width,), 1 / math.sqrt(n)), uniform((), 1 / math.sqrt(width))
-    elif init == "gaussian":  # Kaiming-normal weights, zero biases
-        w1 = torch.randn((width, n), generator=g) * math.sqrt(2 / n)
-        w2 = torch.randn((width,), generator=g) * math.sqrt(2 / width)
-        b1, b2 = torch.zeros(width), torch.zeros(())
-    elif init == "sign":
-        w1, w2 = signs((width, n)) / math.sqrt(n), signs((width,)) / math.sqrt(width)
-        b1, b2 = torch.zeros(width), torch.zeros(())
-    else:  # sparse: each neuron starts connected to s random inputs (Edelman et al. 2023)
-        s = cfg.model.init_sparsity
-        chosen = torch.rand((width, n), generator=g).argsort(dim=1)[:, :s]
-        w1 = torch.zeros(width, n).scatter_(1, chosen, signs((width, s)) / math.sqrt(s))
-        w2 = signs((width,)) / math.sqrt(width)
-        b1, b2 = torch.zeros(width), torch.zeros(())
-    return w1, b1, w2, b2
+PATHS = {  # train_path -> what trains
+    "autograd": "autograd through forward and losses",
+    "gradient": "hand-written gradient + torch.optim",
+    "fused": "hand-written gradient fused into the plain-SGD update",
+    "cpp": "hand-written gradient fused into the plain-SGD update, as C++ (kernels.compile)",
+    "cuda_graph": "hand-written gradient fused into the plain-SGD update, replayed as a CUDA graph",
+}
 
 
 @register_model("mlp")
@@ -132,61 +108,82 @@ class ParityMLP(ModelFamily, L.LightningModule):
         sampled = math.comb(d.n, d.k) > 2048 if d.n <= 2048 else d.k < d.n  # C(n, k) >= n for 0 < k < n
         if sampled:  # the Fourier gap's random k-subsets: rand + argsort (metrics/hidden_progress.py)
             terms.append(Term("Fourier-gap subset draws", [("4096", 4096, None), n], FLOAT + INDEX))
-        elif d.n <= 16:  # its exact transform over the whole boolean cube
+        if d.n <= 16:  # its exact transform over the whole boolean cube
             terms.append(Term("outputs on the boolean cube", [E, ("2**data.n", 2**d.n, "data.n")], 2 * FLOAT))
+        else:  # the characters of the scored subsets on the held-out samples, kept across evaluations
+            scored = 2048 if sampled else math.comb(d.n, d.k)
+            terms.append(Term("Fourier-gap characters", [("subsets", scored, "data.k"),
+                                                         ("eval.size", e.size, "eval.size")], FLOAT))
         return terms
 
     def summary_fields(self) -> dict:
-        return {"model": self.key}
+        return {"model": self.key, "train_path": self.train_path}
 
     def hparam_fields(self) -> dict:
         m = self.cfg.model
         return {"model": self.key, "width": m.width, "ensemble": m.ensemble, "activation": m.activation,
-                "init": m.init, "loss": m.loss}
+                "init": m.init, "loss": m.loss, "train_path": self.train_path}
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.automatic_optimization = False
         self.cfg = cfg
-        first = cfg.model.member_offset
-        self.members = list(range(first, first + cfg.model.ensemble))
-        w1, b1, w2, b2 = (torch.stack(t) for t in zip(*(init_member(cfg, m) for m in self.members)))
-        self.w1, self.b1, self.w2, self.b2 = (nn.Parameter(t) for t in (w1, b1, w2, b2))
-        self.register_buffer("w1_init", w1.clone())
+        m = cfg.model
+        self.members = list(range(m.member_offset, m.member_offset + m.ensemble))
+        self.net = mlp_ensemble(cfg.seed, self.members, cfg.data.n, m.width, m.activation, m.power, m.init,
+                                m.init_sparsity)
+        self.register_buffer("w1_init", self.net.w1.detach().clone())
         self.register_buffer("solved_step", torch.full((len(self.members),), -1, dtype=torch.long))
         self.register_buffer("accuracy", torch.zeros(len(self.members)))
         self.hidden_progress = HiddenProgress(cfg.data.n, cfg.data.k)
-
-    # --- model -------------------------------------------------------------------------------
-    def activation(self, z: torch.Tensor) -> torch.Tensor:
-        act = self.cfg.model.activation
-        return z.relu() if act == "relu" else z.sin() if act == "sin" else z.pow(self.cfg.model.power)
-
-    def activation_grad(self, z: torch.Tensor) -> torch.Tensor:
-        act, p = self.cfg.model.activation, self.cfg.model.power
-        return (z > 0).to(z.dtype) if act == "relu" else z.cos() if act == "sin" else p * z.pow(p - 1)
-
-    def hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pre-activations z and activations h, (E, B, width), for inputs x (E, B, n)."""
-        z = torch.baddbmm(self.b1.unsqueeze(1), x, self.w1.transpose(1, 2))
-        return z, self.activation(z)
+        self.train_path = None  # chosen when fitting starts (choose_train_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Outputs f (E, B) for inputs x (E, B, n) in {+1, -1}."""
-        _, h = self.hidden(x)
-        return torch.baddbmm(self.b2.view(-1, 1, 1), h, self.w2.unsqueeze(-1)).squeeze(-1)
-
-    def outputs(self, x: torch.Tensor, chunk_elements: int = 2**19) -> torch.Tensor:
-        """forward() over many samples x (E, N, n), in chunks whose hidden activations stay in cache."""
-        rows = max(1, chunk_elements // (x.shape[0] * self.w1.shape[1]))
-        return torch.cat([self(part) for part in x.split(rows, dim=1)], dim=1)
+        return self.net(x)
 
     def losses(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-member mean loss (E,) of outputs f against labels y in {+1, -1}."""
-        return self.losses_and_grad(f, y)[0]
+        loss = self.cfg.model.loss
+        if loss == "hinge":
+            return (1 - y * f).relu().mean(1)
+        if loss == "square":
+            return (f - y).square().mean(1)
+        return nn.functional.softplus(-y * f).mean(1)
+
+    def outputs(self, x: torch.Tensor, chunk_elements: int = 2**19) -> torch.Tensor:
+        """forward() over many samples x (E, N, n), in chunks whose hidden activations stay in cache."""
+        rows = max(1, chunk_elements // (x.shape[0] * self.net.w1.shape[1]))
+        return torch.cat([self(part) for part in x.split(rows, dim=1)], dim=1)
+
+    # --- accelerated steps: the hand-written gradient of forward and losses ---------------------
+    def derived_from_forward(self) -> bool:
+        """Whether this module computes the forward and loss the hand-written gradient was derived from (and is
+        tested against): a subclass redefining forward or losses, or another network, does not."""
+        return (type(self).forward is ParityMLP.forward and type(self).losses is ParityMLP.losses
+                and type(self.net) is MLPEnsemble)
+
+    def choose_train_path(self, device: torch.device, world_size: int) -> str:
+        """The fastest step that computes autograd's update for this configuration (PATHS)."""
+        m, o = self.cfg.model, self.cfg.optim
+        if m.grad == "autograd" or world_size > 1 or not self.derived_from_forward():  # DDP reduces autograd's
+            return "autograd"
+        if o.name != "sgd" or o.momentum or o.weight_decay or o.grad_clip or scheduled(o):
+            return "gradient"
+        if cuda_graph.uses_graph(device):
+            return "cuda_graph"
+        if self.cfg.kernels.compile and device.type == "cpu" and m.activation == "relu" and m.loss == "hinge":
+            from lightning_modules import fused_cpu
+            if fused_cpu.extension() is not None:  # else one warning, and the eager fused step
+                return "cpp"
+        return "fused"
+
+    def activation_grad(self, z: torch.Tensor) -> torch.Tensor:
+        act, p = self.net.activation, self.net.power
+        return (z > 0).to(z.dtype) if act == "relu" else z.cos() if act == "sin" else p * z.pow(p - 1)
 
     def losses_and_grad(self, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-member mean losses (E,) and d(their sum)/df (E, B)."""
+        """losses(f, y) and d(their sum)/df (E, B)."""
         loss, batch = self.cfg.model.loss, f.shape[1]
         if loss == "hinge":
             slack = 1 - y * f
@@ -198,11 +195,12 @@ class ParityMLP(ModelFamily, L.LightningModule):
 
     @torch.no_grad()
     def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Per-member losses and the gradients of their sum w.r.t. (w1, b1, w2, b2)."""
-        z, h = self.hidden(x)
-        f = torch.baddbmm(self.b2.view(-1, 1, 1), h, self.w2.unsqueeze(-1)).squeeze(-1)
+        """Per-member losses and the gradients of their sum w.r.t. the network's (w1, b1, w2, b2)."""
+        net = self.net
+        z, h = net.hidden(x)
+        f = torch.baddbmm(net.b2.view(-1, 1, 1), net.w2.unsqueeze(1), h.transpose(1, 2)).squeeze(1)
         loss, g = self.losses_and_grad(f, y)  # g: (E, B)
-        dz = self.activation_grad(z).mul_(g.unsqueeze(-1)).mul_(self.w2.unsqueeze(1))  # (E, B, width)
+        dz = self.activation_grad(z).mul_(g.unsqueeze(-1)).mul_(net.w2.unsqueeze(1))  # (E, B, width)
         grads = [torch.bmm(dz.transpose(1, 2), x), dz.sum(1),
                  torch.bmm(g.unsqueeze(1), h).squeeze(1), g.sum(1)]
         return loss, grads
@@ -211,33 +209,35 @@ class ParityMLP(ModelFamily, L.LightningModule):
     def first_layer(self) -> torch.Tensor:
         """[w1^T; b1], (E, n + 1, width): one tensor of which the parameters w1 and b1 are views (set up on
         first use and again after a device move), so one batched matmul with inputs [x, 1] serves both."""
-        n = self.w1.shape[2]
+        w1, b1 = self.net.w1, self.net.b1
+        n = w1.shape[2]
         first = getattr(self, "_first", None)
-        if first is None or self.w1.data_ptr() != first.data_ptr() or self.b1.data_ptr() != first[:, n].data_ptr():
-            first = torch.cat([self.w1.detach().transpose(1, 2), self.b1.detach().unsqueeze(1)], dim=1)
-            self.w1.data, self.b1.data = first[:, :n].transpose(1, 2), first[:, n]
+        if first is None or w1.data_ptr() != first.data_ptr() or b1.data_ptr() != first[:, n].data_ptr():
+            first = torch.cat([w1.detach().transpose(1, 2), b1.detach().unsqueeze(1)], dim=1)
+            w1.data, b1.data = first[:, :n].transpose(1, 2), first[:, n]
             self._first = first
         return first
 
     @torch.no_grad()
-    def plain_sgd_steps(self, xs: torch.Tensor, ys: torch.Tensor, opt) -> torch.Tensor:
+    def plain_sgd_steps(self, xs: torch.Tensor, ys: torch.Tensor, lr: float, count: StepCounter,
+                        cpp: bool = False) -> torch.Tensor:
         """SGD without momentum or weight decay over xs (E, steps, B, n), +/-1 floats or bits: torch.optim.SGD's
         update p <- p - lr * grad, each applied by the batched matmul that computes grad. Returns losses (steps, E).
+        ``cpp``: the C++ step (ReLU, hinge, bits on a CPU).
 
         Every buffer and view is made once per call, so that a step is a dozen ATen calls into fixed memory.
         """
         members, steps, batch, n = xs.shape
-        first, lr = self.first_layer(), opt.optimizer.param_groups[0]["lr"]
-        relu, hinge = self.cfg.model.activation == "relu", self.cfg.model.loss == "hinge"
-        if self.cfg.kernels.compile and relu and hinge and xs.device.type == "cpu" and xs.dtype == torch.uint8:
+        first, net = self.first_layer(), self.net
+        if cpp:
             from lightning_modules import fused_cpu
-            ext = fused_cpu.extension()
-            if ext is not None:
-                return fused_cpu.plain_sgd_steps(ext, first, self.w2.detach(), self.b2.detach(), xs, ys, lr, opt)
+            return fused_cpu.plain_sgd_steps(fused_cpu.extension(), first, net.w2.detach(), net.b2.detach(), xs, ys,
+                                             lr, count)
+        relu, hinge = net.activation == "relu", self.cfg.model.loss == "hinge"
         x = ys.new_ones(members, batch, n + 1)  # [x, 1]: its product with first adds b1
         z, dz = ys.new_empty(members, batch, first.shape[2]), ys.new_empty(members, batch, first.shape[2])
         f, g = ys.new_empty(members, 1, batch), ys.new_empty(members, batch)
-        w2, b2 = self.w2.detach().unsqueeze(1), self.b2.detach().view(-1, 1, 1)
+        w2, b2 = net.w2.detach().unsqueeze(1), net.b2.detach().view(-1, 1, 1)
         inputs, x_t, z_t, f_row, g_col, g_row = x[..., :n], x.transpose(1, 2), z.transpose(1, 2), f.squeeze(1), \
             g.unsqueeze(-1), g.unsqueeze(1)
         bits = not xs.is_floating_point()
@@ -251,7 +251,7 @@ class ParityMLP(ModelFamily, L.LightningModule):
             if bits:  # 1 - 2 bits
                 inputs.mul_(-2.0).add_(1.0)
             torch.bmm(x, first, out=z)
-            h = z.clamp_min_(0) if relu else self.activation(z)
+            h = z.clamp_min_(0) if relu else net.act(z)
             torch.baddbmm(b2, w2, z_t if relu else h.transpose(1, 2), out=f)  # w2 h^T: a row per member
             if hinge:
                 torch.addcmul(one, y_j, f_row, value=-1, out=slack[j])
@@ -264,53 +264,67 @@ class ParityMLP(ModelFamily, L.LightningModule):
                 torch.ops.aten.threshold_backward.grad_input(dz, h, 0, grad_input=dz)  # dz * (z > 0)
             else:
                 dz.mul_(self.activation_grad(z))
-            opt._on_before_step()  # Lightning counts the step
+            count.before()
             w2.baddbmm_(g_row, h, alpha=-lr)
             b2.sub_(g.sum(1).view_as(b2), alpha=lr)
             first.baddbmm_(x_t, dz, alpha=-lr)
-            opt._on_after_step()
+            count.after()
             if stopping.requested():  # cut the batch short at this step
                 break
         return slack[:j + 1].clamp_min_(0).mean(2) if hinge else losses[:j + 1]
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        if o.name in ("adam", "adamw"):
-            adam = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-            return adam(self.parameters(), lr=o.lr, weight_decay=o.weight_decay, foreach=True)
-        return torch.optim.SGD(self.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                               foreach=True)
+    def configure_optimizers(self):
+        return lightning_optimizers(optimizer(self.parameters(), self.cfg.optim), self.cfg.optim,
+                                    self.cfg.trainer.max_steps)
+
+    def on_fit_start(self) -> None:
+        self.train_path = self.choose_train_path(self.device, self.trainer.world_size)
+        if self.trainer.is_global_zero:
+            print(f"train path: {self.train_path} ({PATHS[self.train_path]})", flush=True)
 
     def training_step(self, batch, batch_idx: int) -> None:
-        """Run the batch's SGD steps: batch.x is (E, steps, local batch, n)."""
-        opt = self.optimizers()
-        params = [self.w1, self.b1, self.w2, self.b2]
-        distributed = self.trainer.world_size > 1
-        o = self.cfg.optim
-        plain_sgd = o.name == "sgd" and o.momentum == 0 and o.weight_decay == 0 and not distributed
-        losses = [cuda_graph.plain_sgd_steps(self, batch.x, batch.y, opt)] if plain_sgd else []  # CUDA: a graph
-        for j in range(0 if plain_sgd else batch.x.shape[1]):  # momentum, weight decay, Adam, DDP
-            x, y = pm1(batch.x[:, j]), batch.y[:, j]
-            if distributed:  # DDP averages autograd gradients across ranks
-                loss = self.losses(self(x), y)
-                opt.zero_grad(set_to_none=True)
-                self.manual_backward(loss.sum())
-                opt.step()
-            else:
-                loss, grads = self.loss_and_grads(x, y)
-                for p, grad in zip(params, grads):
-                    p.grad = grad
-                opt._on_before_step()  # Lightning counts the step; its per-step hook dispatch is skipped
-                opt.optimizer.step()
-                opt._on_after_step()
-            losses.append(loss.detach().unsqueeze(0))
-            if stopping.requested():
-                break
+        """Run the batch's SGD steps on its train path: batch.x is (E, steps, local batch, n)."""
+        opt, path = self.optimizers(), self.train_path
+        count = step_counter(opt)
+        if path in ("fused", "cpp", "cuda_graph"):
+            lr = opt.optimizer.param_groups[0]["lr"]
+            losses = [cuda_graph.plain_sgd_steps(self, batch.x, batch.y, lr, count) if path == "cuda_graph" else
+                      self.plain_sgd_steps(batch.x, batch.y, lr, count, cpp=path == "cpp")]
+        else:
+            losses = self.optimizer_steps(batch, opt, count)
         step = self.trainer.global_step
         self.log("train/loss", torch.cat(losses).mean(), prog_bar=True, on_step=True, sync_dist=False)
         self.log("step", float(step), on_step=True, sync_dist=False)  # x-axis of every logged scalar: SGD steps
         if step % self.cfg.eval.every_n_steps == 0 or step >= self.cfg.trainer.max_steps:
             self.evaluate(step)
+
+    def optimizer_steps(self, batch, opt, count: StepCounter) -> list[torch.Tensor]:
+        """The batch's steps of torch.optim on autograd's gradients or the hand-written ones; losses (1, E) each."""
+        o, params = self.cfg.optim, list(self.net.parameters())
+        schedule = self.lr_schedulers() if scheduled(o) else None
+        losses = []
+        for j in range(batch.x.shape[1]):
+            x, y = pm1(batch.x[:, j]), batch.y[:, j]
+            if self.train_path == "autograd":
+                loss = self.losses(self(x), y)
+                opt.zero_grad(set_to_none=True)
+                self.manual_backward(loss.sum())  # under DDP: the ranks' gradients averaged
+                grads = [p.grad for p in params]
+            else:
+                loss, grads = self.loss_and_grads(x, y)
+                for p, grad in zip(params, grads):
+                    p.grad = grad
+            if o.grad_clip:
+                clip_per_member(grads, o.grad_clip)
+            count.before()
+            opt.optimizer.step()
+            count.after()
+            if schedule is not None:
+                schedule.step()
+            losses.append(loss.detach().unsqueeze(0))
+            if stopping.requested():
+                break
+        return losses
 
     @torch.no_grad()
     def measure(self, dm) -> torch.Tensor:
@@ -333,7 +347,7 @@ class ParityMLP(ModelFamily, L.LightningModule):
         secret, hidden = self.trainer.datamodule.secret, {}
         if self.cfg.eval.hidden_progress:
             x = self.trainer.datamodule.eval_set(self.device)[0]  # cached by the datamodule
-            hidden = self.hidden_progress.measure(self.outputs, self.w1, self.w1_init, x[0], secret, step)
+            hidden = self.hidden_progress.measure(self.outputs, self.net.w1, self.w1_init, x[0], secret, step)
         log_evaluation(self, {"eval/accuracy_mean": self.accuracy.mean(), "eval/accuracy_min": self.accuracy.min(),
                               "eval/members_solved": solved, **hidden}, step)
         experiment = getattr(self.logger, "experiment", None)

@@ -99,10 +99,11 @@ class WeightDrift(MemberMeasure):
 class FourierGap(MemberMeasure):
     """|f^(S)| - max over other k-subsets S' of |f^(S')| for the network output f."""
 
-    def __init__(self, n: int, k: int, limit: int = MAX_SUBSETS, chunk: int = 32) -> None:
+    def __init__(self, n: int, k: int, limit: int = MAX_SUBSETS) -> None:
         super().__init__()
-        self.n, self.k, self.chunk = n, k, chunk
+        self.n, self.k = n, k
         self.subsets = k_subsets(n, k, limit)
+        self._characters = None  # (held-out samples, secret, chi of the other subsets): the samples are fixed
 
     def update(self, f: torch.Tensor, secret: list[int], x: torch.Tensor | None = None) -> None:
         """f (members, samples): outputs on ``x`` (samples, n), or on boolean_cube(n) when x is None."""
@@ -111,13 +112,25 @@ class FourierGap(MemberMeasure):
             return
         s = torch.tensor(secret, device=x.device)
         own = f @ x[:, s].prod(dim=1) / x.shape[0]
-        subsets = self.subsets.to(x.device)
-        others = subsets[(subsets != s.sort().values).any(dim=1)]
-        best, xt = torch.zeros_like(own), x.T.contiguous()
-        for part in others.split(self.chunk):  # small chunks of characters stay in cache
-            coeffs = characters(xt, part) @ f.T / x.shape[0]
-            best = torch.maximum(best, coeffs.abs().amax(dim=0))
+        chi = self.characters(x, secret)
+        best = (chi @ f.T).abs().amax(dim=0) / x.shape[0] if chi.shape[0] else torch.zeros_like(own)
         self.value = own.abs() - best
+
+    def characters(self, x: torch.Tensor, secret: list[int]) -> torch.Tensor:
+        """chi_S'(x) of every scored subset S' other than the secret, (subsets, samples): made at the first
+        evaluation and kept, since every evaluation scores the same held-out samples (counted by the memory check)."""
+        held = self._characters  # it holds on to its samples: no other tensor can take their memory
+        same = held is not None and (held[0].data_ptr(), held[0].shape, held[0].stride(), held[0].device) == \
+            (x.data_ptr(), x.shape, x.stride(), x.device)
+        if not same or held[1] != list(secret):
+            s = torch.tensor(sorted(secret), device=x.device)
+            subsets = self.subsets.to(x.device)
+            others = subsets[(subsets != s).any(dim=1)]
+            xt = x.T.contiguous()
+            chi = torch.cat([characters(xt, part) for part in others.split(32)]) if others.shape[0] else \
+                x.new_zeros(0, x.shape[0])  # chunks of 32 rows stay in cache while they are multiplied
+            self._characters = held = (x, list(secret), chi)
+        return held[2]
 
     def _exact(self, f: torch.Tensor, secret: list[int]) -> torch.Tensor:
         coeffs = walsh_hadamard(f).abs()

@@ -25,6 +25,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
 from config import Config, ConfigError
+from runtime.lightning_adapter import batches_that_stepped
 from runtime.run_dirs import write_atomic
 
 IDENTITY_KEY = "paritylab"  # checkpoint entry: what problem the weights were trained on
@@ -184,7 +185,7 @@ def logged_step(trainer: L.Trainer) -> int:
     """The TensorBoard step the current batch's metrics go to (Lightning's rule: a logged "step"
     metric, else its count of finished batches)."""
     step = trainer.callback_metrics.get("step")
-    return int(step) if step is not None else trainer.fit_loop.epoch_loop._batches_that_stepped
+    return int(step) if step is not None else batches_that_stepped(trainer)
 
 
 def tensorboard_resume_step(checkpoint: dict) -> Optional[int]:

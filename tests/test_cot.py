@@ -14,7 +14,8 @@ from datamodules.parity import ParityTask
 from datamodules.stream import Ticket
 from kernels import sparse_parity
 from networks.transformer import CoTTransformer
-from lightning_modules.next_token import NextTokenModule, completion_loss, lr_factor, make_backbone, \
+from lightning_modules.optimizers import lr_factor
+from lightning_modules.next_token import NextTokenModule, completion_loss, make_backbone, \
     teacher_forced_and_greedy
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,5 +1,4 @@
 """The plain-SGD step as a CUDA graph: chosen only for CUDA tensors, and bit-identical to the eager step."""
-import logging
 from types import SimpleNamespace
 
 import lightning as L
@@ -11,6 +10,7 @@ from datamodules.parity import ParityTask
 from datamodules.stream import Ticket
 from lightning_modules import cuda_graph
 from lightning_modules.parity_mlp import ParityMLP
+from runtime.lightning_adapter import UNCOUNTED
 
 PARAMS = ("w1", "b1", "w2", "b2")
 
@@ -18,12 +18,6 @@ PARAMS = ("w1", "b1", "w2", "b2")
 def config(*overrides: str):
     return compose(["experiment=parity_mlp", "data.n=20", "model.width=32", "eval.hidden_progress=false",
                     *overrides])
-
-
-def uncounted(model: ParityMLP, lr: float) -> SimpleNamespace:
-    """What plain_sgd_steps needs of Lightning's optimizer wrapper, counters doing nothing."""
-    return SimpleNamespace(optimizer=torch.optim.SGD(model.parameters(), lr=lr),
-                           _on_before_step=lambda: None, _on_after_step=lambda: None)
 
 
 def batches(cfg, device: torch.device, steps: list[int]):
@@ -46,15 +40,14 @@ def fit(cfg, accelerator: str, max_steps: int) -> tuple[ParityMLP, L.Trainer]:
 def eager_reference(cfg, device: torch.device, steps: list[int]) -> ParityMLP:
     """A model trained by calling plain_sgd_steps itself on each batch."""
     model = ParityMLP(cfg).to(device)
-    opt = uncounted(model, cfg.optim.lr)
     for batch in batches(cfg, device, steps):
-        model.plain_sgd_steps(batch.x, batch.y, opt)
+        model.plain_sgd_steps(batch.x, batch.y, cfg.optim.lr, UNCOUNTED)
     return model
 
 
 def assert_same_weights(a: ParityMLP, b: ParityMLP) -> None:
     for name in PARAMS:
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert torch.equal(getattr(a.net, name), getattr(b.net, name)), name
 
 
 # --- CPU: the selection, the keys, and the eager path left as it was ------------------------------------
@@ -65,23 +58,14 @@ def test_graph_path_is_chosen_only_for_cuda(monkeypatch):
     assert not cuda_graph.uses_graph(torch.device("cuda"))
 
 
-def test_count_steps_calls_the_counters_once_per_step_in_order():
-    calls = []
-    opt = SimpleNamespace(_on_before_step=lambda: calls.append("before"), _on_after_step=lambda: calls.append("after"))
-    cuda_graph.count_steps(opt, 3)
-    assert calls == ["before", "after"] * 3
-
-
-def test_cpu_training_runs_the_eager_step_unchanged(monkeypatch, caplog):
+def test_cpu_training_runs_the_eager_step_unchanged():
     """train.py's step on a CPU is plain_sgd_steps itself: the same weights, bit for bit, and the same step count."""
-    monkeypatch.setattr(cuda_graph, "_announced", set())
     cfg = config("model.ensemble=3", "trainer.max_steps=300", "eval.every_n_steps=300", "trainer.steps_per_batch=100")
-    with caplog.at_level(logging.INFO, logger="paritylab.train"):
-        trained, trainer = fit(cfg, "cpu", 300)
+    trained, trainer = fit(cfg, "cpu", 300)
     assert trainer.global_step == 300
     assert_same_weights(trained, eager_reference(cfg, torch.device("cpu"), [100] * 3))
     assert not hasattr(trained, "_step_graphs")  # no graph bookkeeping off CUDA
-    assert "train path: plain-SGD step without a CUDA graph (cpu)" in caplog.messages
+    assert trained.train_path == "fused"
 
 
 def test_a_graph_key_changes_with_what_a_capture_bakes_in():
@@ -92,7 +76,7 @@ def test_a_graph_key_changes_with_what_a_capture_bakes_in():
     assert cuda_graph.graph_key(model, batch.x, batch.y, 0.1) == key
     assert cuda_graph.graph_key(model, batch.x, batch.y, 0.05) != key
     assert cuda_graph.graph_key(model, batch.x[:, :5], batch.y[:, :5], 0.1) != key
-    model.w1.data = model.w1.data.clone()  # first_layer() rebinds w1 and b1 into new memory
+    model.net.w1.data = model.net.w1.data.clone()  # first_layer() rebinds w1 and b1 into new memory
     moved = cuda_graph.graph_key(model, batch.x, batch.y, 0.1)
     assert moved != key and moved[-1] != key[-1]
 
@@ -105,7 +89,7 @@ def test_graphs_of_old_parameter_memory_are_dropped_and_the_cache_is_bounded():
     for key in keys:
         cuda_graph._graphs(model, key)[key] = None
     assert list(model._step_graphs) == keys[-cuda_graph.MAX_GRAPHS:]
-    model.w1.data = model.w1.data.clone()
+    model.net.w1.data = model.net.w1.data.clone()
     moved = cuda_graph.graph_key(model, batch.x, batch.y, 0.1)
     assert cuda_graph._graphs(model, moved) == {}
 
@@ -113,11 +97,11 @@ def test_graphs_of_old_parameter_memory_are_dropped_and_the_cache_is_bounded():
 class EagerStandIn(cuda_graph.StepGraph):
     """A StepGraph whose "replay" runs the eager step on the static buffers: the graph path's bookkeeping on a CPU."""
 
-    def __init__(self, model, xs, ys, optimizer):
+    def __init__(self, model, xs, ys, lr):
         self.xs, self.ys, self.replays, self.complete = torch.empty_like(xs), torch.empty_like(ys), 0, True
         self.losses = ys.new_empty(xs.shape[1], xs.shape[0])
-        quiet = SimpleNamespace(optimizer=optimizer, _on_before_step=lambda: None, _on_after_step=lambda: None)
-        self.graph = SimpleNamespace(replay=lambda: self.losses.copy_(model.plain_sgd_steps(self.xs, self.ys, quiet)))
+        self.graph = SimpleNamespace(
+            replay=lambda: self.losses.copy_(model.plain_sgd_steps(self.xs, self.ys, lr, UNCOUNTED)))
 
 
 def test_the_graph_paths_bookkeeping_under_lightning(monkeypatch):
@@ -126,7 +110,7 @@ def test_the_graph_paths_bookkeeping_under_lightning(monkeypatch):
     monkeypatch.setattr(cuda_graph, "StepGraph", EagerStandIn)
     cfg = config("model.ensemble=3", "trainer.max_steps=300", "eval.every_n_steps=300", "trainer.steps_per_batch=100")
     trained, trainer = fit(cfg, "cpu", 300)
-    assert trainer.global_step == 300
+    assert trainer.global_step == 300 and trained.train_path == "cuda_graph"
     assert [g.replays for g in trained._step_graphs.values()] == [2]
     assert_same_weights(trained, eager_reference(cfg, torch.device("cpu"), [100] * 3))
 
@@ -142,10 +126,9 @@ def test_graph_replays_equal_the_eager_step_bitwise(ensemble, activation, loss):
     cfg = config(f"model.ensemble={ensemble}", f"model.activation={activation}", f"model.loss={loss}")
     steps = [100, 100, 100, 100, 37, 37]  # a key's first batch is eager, its second captures
     eager, graphed = ParityMLP(cfg).to(CUDA), ParityMLP(cfg).to(CUDA)
-    eager_opt, graphed_opt = uncounted(eager, cfg.optim.lr), uncounted(graphed, cfg.optim.lr)
     for batch in batches(cfg, CUDA, steps):
-        expected = eager.plain_sgd_steps(batch.x, batch.y, eager_opt)
-        assert torch.equal(cuda_graph.plain_sgd_steps(graphed, batch.x, batch.y, graphed_opt), expected)
+        expected = eager.plain_sgd_steps(batch.x, batch.y, cfg.optim.lr, UNCOUNTED)
+        assert torch.equal(cuda_graph.plain_sgd_steps(graphed, batch.x, batch.y, cfg.optim.lr, UNCOUNTED), expected)
     assert_same_weights(graphed, eager)
     replays = sorted(g.replays for g in graphed._step_graphs.values())
     assert replays == [1, 3]  # 37 steps: captured on its second batch; 100 steps: batches 2-4
@@ -155,28 +138,24 @@ def test_graph_replays_equal_the_eager_step_bitwise(ensemble, activation, loss):
 def test_a_graph_is_captured_again_when_the_parameters_move():
     cfg = config("model.ensemble=8")
     eager, graphed = ParityMLP(cfg).to(CUDA), ParityMLP(cfg).to(CUDA)
-    eager_opt, graphed_opt = uncounted(eager, cfg.optim.lr), uncounted(graphed, cfg.optim.lr)
     for j, batch in enumerate(batches(cfg, CUDA, [50] * 6)):
         if j == 3:  # new parameter memory (as after a device move): the old graph must not write to the old one
             old = graphed._step_graphs
             for model in (eager, graphed):
-                model.w1.data = model.w1.data.clone()
-        expected = eager.plain_sgd_steps(batch.x, batch.y, eager_opt)
-        assert torch.equal(cuda_graph.plain_sgd_steps(graphed, batch.x, batch.y, graphed_opt), expected)
+                model.net.w1.data = model.net.w1.data.clone()
+        expected = eager.plain_sgd_steps(batch.x, batch.y, cfg.optim.lr, UNCOUNTED)
+        assert torch.equal(cuda_graph.plain_sgd_steps(graphed, batch.x, batch.y, cfg.optim.lr, UNCOUNTED), expected)
     assert_same_weights(graphed, eager)
     (graph,), (stale,) = graphed._step_graphs.values(), old.values()
     assert graph is not stale and graph.replays == stale.replays == 2  # batches 1-2, then 4-5
 
 
 @pytest.mark.gpu
-def test_lightning_training_on_a_gpu_replays_graphs_and_counts_every_step(monkeypatch, caplog):
-    monkeypatch.setattr(cuda_graph, "_announced", set())
+def test_lightning_training_on_a_gpu_replays_graphs_and_counts_every_step():
     cfg = config("model.ensemble=64", "trainer.max_steps=400", "eval.every_n_steps=400",
                  "trainer.steps_per_batch=100")
-    with caplog.at_level(logging.INFO, logger="paritylab.train"):
-        trained, trainer = fit(cfg, "gpu", 400)
-    assert trainer.global_step == 400
-    assert "train path: plain-SGD step as a CUDA graph" in caplog.messages
+    trained, trainer = fit(cfg, "gpu", 400)
+    assert trainer.global_step == 400 and trained.train_path == "cuda_graph"
     assert [g.replays for g in trained._step_graphs.values()] == [3]
     assert_same_weights(trained, eager_reference(cfg, CUDA, [100] * 4))
 
@@ -184,8 +163,8 @@ def test_lightning_training_on_a_gpu_replays_graphs_and_counts_every_step(monkey
 class CutCapture(EagerStandIn):
     """A capture a stop signal cut short: nothing ran, the graph holds fewer steps than the batch."""
 
-    def __init__(self, model, xs, ys, optimizer):
-        super().__init__(model, xs, ys, optimizer)
+    def __init__(self, model, xs, ys, lr):
+        super().__init__(model, xs, ys, lr)
         self.complete = False
 
 
@@ -194,9 +173,8 @@ def test_a_capture_cut_by_a_stop_signal_falls_back_to_the_eager_step(monkeypatch
     monkeypatch.setattr(cuda_graph, "StepGraph", CutCapture)
     cfg = config("model.ensemble=2")
     model, reference = ParityMLP(cfg), ParityMLP(cfg)
-    opt, ref_opt = uncounted(model, cfg.optim.lr), uncounted(reference, cfg.optim.lr)
     for batch in batches(cfg, torch.device("cpu"), [50, 50]):
-        cuda_graph.plain_sgd_steps(model, batch.x, batch.y, opt)
-        reference.plain_sgd_steps(batch.x, batch.y, ref_opt)
+        cuda_graph.plain_sgd_steps(model, batch.x, batch.y, cfg.optim.lr, UNCOUNTED)
+        reference.plain_sgd_steps(batch.x, batch.y, cfg.optim.lr, UNCOUNTED)
     assert_same_weights(model, reference)
     assert not model._step_graphs  # the cut capture was dropped, never replayed

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from config import CONFIG_DIR, ConfigError, compose
+from config import ConfigError, compose
 from datamodules.parity import ParityTask
 from datamodules.stream import ClassifierBatch, Ticket, pm1
 from runtime.launch import cluster_plugins, shared_run_dir
 from lightning_modules.parity_mlp import ParityMLP
-from procs import ROOT, clean_env, finish, start, train
+from conftest import ROOT, clean_env, finish, start, train
 SHORT = ["trainer.accelerator=cpu", "trainer.progress_bar=false", "trainer.max_steps=50", "eval.every_n_steps=50",
          "checkpoint.every_n_steps=50", "eval.size=256"]
 COT_OPTIM = ["optim.name=sgd", "optim.lr=0.1"]  # why SGD: see test_ddp_matches_one_process
@@ -64,8 +64,6 @@ DATAMODULES = {"parity_mlp": ("datamodules.parity", "ParityTask", ["model.ensemb
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_rank_slices_partition_the_global_batch(experiment, world_size):
     """Step t's global batch is rank 0's slice, then rank 1's, ...: every sample once, none twice."""
-    if not (CONFIG_DIR / "experiment" / f"{experiment}.yaml").exists():
-        pytest.skip(f"configs/experiment/{experiment}.yaml does not exist yet")
     module, name, extra = DATAMODULES[experiment]
     dm = getattr(importlib.import_module(module), name)(compose([f"experiment={experiment}", "data.batch_size=8",
                                                                    *extra]))
@@ -89,7 +87,7 @@ def test_averaged_rank_gradients_are_the_global_batch_gradient():
     dm, model = ParityTask(cfg), ParityMLP(cfg).double()
     batch = dm.generate(Ticket(7, 1, 0, 1), torch.device("cpu"))
     loss, grads = model.loss_and_grads(pm1(batch.x[:, 0]).double(), batch.y[:, 0].double())  # one process
-    params = [model.w1, model.b1, model.w2, model.b2]
+    params = list(model.net.parameters())
     rank_losses, rank_grads = [], []
     for rank in range(world):  # what each DDP rank computes (parity_mlp.training_step, world_size > 1)
         part = dm.generate(Ticket(7, 1, rank, world), torch.device("cpu"))
@@ -110,8 +108,6 @@ def one_process(tmp_path_factory) -> dict:
     """50 steps of each experiment in one process: experiment -> final weights."""
     tmp, out = tmp_path_factory.mktemp("one"), {}
     for name, extra in EXPERIMENTS.items():
-        if not (CONFIG_DIR / "experiment" / f"{name}.yaml").exists():
-            continue
         done = train(tmp, f"experiment={name}", f"run_dir={tmp / name}", *SHORT, *extra)
         assert done.returncode == 0, done.stderr[-2000:]
         out[name] = weights(tmp / name)
@@ -127,8 +123,6 @@ def test_ddp_matches_one_process(tmp_path, one_process, experiment):
     it turns float rounding noise into lr-sized steps, 2e-6 apart after 50 steps (measured), which is
     Adam's sensitivity, not a DDP difference.
     """
-    if experiment not in one_process:
-        pytest.skip(f"configs/experiment/{experiment}.yaml does not exist yet")
     run_dir = tmp_path / "ddp"
     done = train(tmp_path, f"experiment={experiment}", f"run_dir={run_dir}", *SHORT, *EXPERIMENTS[experiment],
                  "trainer.devices=2", "trainer.strategy=ddp")

@@ -74,9 +74,15 @@ def test_fourier_gap_estimate_on_held_out_samples_equals_the_definition():
     g = torch.Generator().manual_seed(1)
     x = 1.0 - 2.0 * torch.randint(0, 2, (500, n), generator=g).float()
     f = torch.randn(3, 500, generator=g) + x[:, secret].prod(1)
-    gap = FourierGap(n, k, chunk=37)  # C(20, 2) = 190 subsets: all of them, in uneven chunks
+    gap = FourierGap(n, k)  # C(20, 2) = 190 subsets: all of them, in uneven chunks of 32
     gap.update(f, secret, x)
     torch.testing.assert_close(gap.compute().double(), brute_gap(f, x, secret, k), rtol=0, atol=1e-5)
+    later = f.roll(1, dims=1)  # a later evaluation on the same samples: the kept characters serve it
+    gap.update(later, secret, x)
+    torch.testing.assert_close(gap.compute().double(), brute_gap(later, x, secret, k), rtol=0, atol=1e-5)
+    other = x.flip(0)  # other samples: their own characters
+    gap.update(f, secret, other)
+    torch.testing.assert_close(gap.compute().double(), brute_gap(f, other, secret, k), rtol=0, atol=1e-5)
 
 
 def test_k_subsets_all_when_few_else_a_distinct_sample():

@@ -1,5 +1,4 @@
-"""sweep.py end to end (bad input, SLURM array, censoring, the fit, failing and stopped cells) and the ensemble
-it relies on."""
+"""sweep.py end to end: bad input, SLURM array, censoring, the fit, failing and stopped cells."""
 import csv
 import json
 import os
@@ -9,17 +8,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 
 from config import compose, to_yaml
-from datamodules.parity import ParityTask
-from datamodules.stream import Ticket, pm1
-from lightning_modules.parity_mlp import ParityMLP
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -279,63 +273,3 @@ def test_a_sweep_stopped_by_sigterm_continues_its_cell_from_the_checkpoint(tmp_p
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert json.loads((cell / "summary.json").read_text())["steps"] == 600
     assert [r["cell"] for r in json.loads((out / "results.json").read_text())["cells"]] == ["data.n=40"]
-
-
-# --- the ensemble whose members a sweep counts as seeds ------------------------------------------
-def stub_optimizer(model: ParityMLP, lr: float) -> SimpleNamespace:
-    """What plain_sgd_steps needs of Lightning's optimizer wrapper."""
-    return SimpleNamespace(optimizer=torch.optim.SGD(model.parameters(), lr=lr),
-                           _on_before_step=lambda: None, _on_after_step=lambda: None)
-
-
-@pytest.mark.parametrize("activation, loss, layout, compiled", [
-    ("relu", "hinge", "bits", False), ("relu", "square", "pm1", False), ("sin", "logistic", "bits", False),
-    ("relu", "hinge", "bits", True)])  # the last: the C++ step of kernels.compile=true
-def test_fused_sgd_matches_torch_optim_sgd(activation, loss, layout, compiled):
-    """Inputs as bits (a CPU ticket) or as +/-1 floats (what the GPU kernel writes)."""
-    if compiled:
-        from lightning_modules import fused_cpu
-        from kernels import cpp
-        if cpp.cxx() is None:
-            pytest.skip("no C++ compiler: kernels.compile stays eager")
-        assert fused_cpu.extension() is not None, "the C++ step did not build"
-    cfg = compose(["experiment=parity_mlp", "data.n=20", "model.ensemble=3", f"model.activation={activation}",
-                   f"model.loss={loss}", "model.width=32", "optim.lr=0.05", f"kernels.compile={compiled}"])
-    fused, reference = ParityMLP(cfg), ParityMLP(cfg)
-    batch = ParityTask(cfg).generate(Ticket(0, 60, 0, 1), torch.device("cpu"))
-    assert batch.x.dtype == torch.uint8  # CPU tickets carry bits
-    xs = batch.x if layout == "bits" else pm1(batch.x)
-    losses = fused.plain_sgd_steps(xs, batch.y, stub_optimizer(fused, 0.05))
-    opt = torch.optim.SGD(reference.parameters(), lr=0.05)
-    params = [reference.w1, reference.b1, reference.w2, reference.b2]
-    for j in range(60):
-        loss_j, grads = reference.loss_and_grads(pm1(batch.x[:, j]), batch.y[:, j])
-        torch.testing.assert_close(losses[j], loss_j, rtol=1e-4, atol=1e-5)
-        for p, grad in zip(params, grads):
-            p.grad = grad
-        opt.step()
-    for name in ("w1", "b1", "w2", "b2"):
-        torch.testing.assert_close(getattr(fused, name), getattr(reference, name), rtol=1e-4, atol=1e-5)
-    first = fused.first_layer()  # w1 and b1 stay views of the one tensor the fused step updates
-    assert fused.w1.data_ptr() == first.data_ptr() and torch.equal(fused.b1, first[:, -1])
-
-
-def fit(args: list[str]) -> ParityMLP:
-    cfg = compose(["experiment=parity_mlp", "data.n=16", "trainer.max_steps=300", "eval.every_n_steps=100",
-                   "eval.hidden_progress=false", *args])
-    model = ParityMLP(cfg)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=300, max_epochs=-1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(model, datamodule=ParityTask(cfg))
-    return model
-
-
-@pytest.mark.parametrize("compiled", [False, True])
-def test_ensemble_members_equal_separate_runs_bit_for_bit(compiled):
-    ensemble = fit(["model.ensemble=3", f"kernels.compile={compiled}"])
-    for member in (0, 2):
-        alone = fit(["model.ensemble=1", f"model.member_offset={member}", f"kernels.compile={compiled}"])
-        for name in ("w1", "b1", "w2", "b2"):
-            assert torch.equal(getattr(ensemble, name)[member], getattr(alone, name)[0]), (member, name)
-        assert ensemble.solved_step[member] == alone.solved_step[0]

@@ -17,7 +17,7 @@ def warn_once(key: str, message: str) -> None:
 
 
 def resolve_backend(backend: str, device: torch.device, op: str) -> str:
-    """'triton' or 'torch' for running ``op`` on ``device``, by the rule in DESIGN.md."""
+    """'triton' or 'torch' for running ``op`` on ``device``, by the rule in docs/design.md (3)."""
     if backend not in BACKENDS:
         raise ValueError(f"kernels.backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":

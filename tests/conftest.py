@@ -1,7 +1,12 @@
-"""Test-wide setup: Triton's CPU interpreter, markers, the repository root on sys.path."""
+"""Test-wide setup (Triton's CPU interpreter, markers, the repository root on sys.path) and the subprocess helpers
+the end-to-end tests share: train.py runs in sessions of their own, with timeouts."""
+import contextlib
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -20,3 +25,51 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+TIMEOUT = 300
+
+
+def clean_env() -> dict:
+    """This environment without launcher variables (the tests may themselves run under SLURM or torchrun)."""
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK")
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "TORCHELASTIC_", "PARITYLAB_")) and k not in launcher}
+
+
+def start(cmd: list[str], cwd: Path, env: Optional[dict] = None) -> subprocess.Popen:
+    """A process in a session of its own, so that a timeout can end it with every process it started."""
+    return subprocess.Popen(cmd, cwd=cwd, env=env or clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def finish(*procs: subprocess.Popen, timeout: int = TIMEOUT) -> list[subprocess.CompletedProcess]:
+    """Wait for each process; past ``timeout``, kill their sessions (Lightning and torchrun start children)."""
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+    except BaseException:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+        raise
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+def train_process(cwd: Path, *args: str, env: Optional[dict] = None) -> subprocess.Popen:
+    return start([sys.executable, str(ROOT / "train.py"), *args], cwd, env)
+
+
+def train(cwd: Path, *args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    return finish(train_process(cwd, *args, env=env))[0]
+
+
+def checkpoint(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def one_error_line(done: subprocess.CompletedProcess, prefix: str) -> str:
+    """The single stderr line of a refused run (exit 2), checked to start with ``error: <prefix>``."""
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {prefix}"), done.stderr[-2000:]
+    return lines[0]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from config import CONFIG_DIR, ConfigError, compose, to_yaml
-from procs import ROOT, checkpoint, clean_env, finish, one_error_line, start, train
+from conftest import ROOT, checkpoint, clean_env, finish, one_error_line, start, train
 from runtime.experiment import evaluate_run, load_run
 
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))

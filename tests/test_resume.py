@@ -1,5 +1,6 @@
 """Exact resume: kill -9 and continue to the same bits and the same TensorBoard curves; atomic
 checkpoint writes; bad checkpoints refused before training."""
+import json
 import math
 import os
 import random
@@ -23,7 +24,7 @@ from datamodules.stream import TicketStream
 from runtime.checkpointing import (IDENTITY_KEY, LOGGED_STEP_KEY, AtomicCheckpointIO, ResumeState,
                                              load_for_resume, resume_path, run_identity)
 from lightning_modules.parity_mlp import ParityMLP
-from procs import ROOT, TIMEOUT, checkpoint, clean_env, finish, one_error_line, start, train
+from conftest import ROOT, TIMEOUT, checkpoint, clean_env, finish, one_error_line, start, train
 # Batches of 50 SGD steps (the largest that divides the eval and checkpoint periods); checkpoints at 200
 # and 400. The kill at 350 comes after the step-300 metrics reached TensorBoard: the resumed run must hide
 # them and log them again. Momentum gives the optimizer a state to restore.
@@ -73,6 +74,22 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, uninterru
         same = all(s == rs and (v == rv or math.isnan(v) and math.isnan(rv))
                    for (s, v), (rs, rv) in zip(points, reference_curves[tag]))
         assert same and len(points) == len(reference_curves[tag]), (tag, points, reference_curves[tag])
+
+
+def test_a_killed_run_on_the_fused_plain_sgd_path_resumes_bitwise(tmp_path):
+    """The default optimizer (plain SGD) trains on the fused step, which keeps no optimizer state of its own."""
+    plain = [arg for arg in RUN if not arg.startswith("optim.momentum")]
+    whole, run_dir = tmp_path / "whole", tmp_path / "run"
+    assert train(tmp_path, f"run_dir={whole}", *plain).returncode == 0
+    assert json.loads((whole / "summary.json").read_text())["train_path"] == "fused"
+    assert train(tmp_path, f"run_dir={run_dir}", *plain, "trainer.fail_at_step=350").returncode == -signal.SIGKILL
+    assert checkpoint(run_dir)["global_step"] == 200
+    resumed = train(tmp_path, f"run_dir={run_dir}", *plain, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    mine, reference = checkpoint(run_dir), checkpoint(whole)
+    assert mine["global_step"] == reference["global_step"] == 400
+    for name, tensor in reference["state_dict"].items():
+        assert torch.equal(mine["state_dict"][name], tensor), name
 
 
 def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from config import ConfigError
 from runtime.run_dirs import RunDirLock, claim, make_run_dir, write_atomic
-from procs import checkpoint, finish, one_error_line, train, train_process
+from conftest import checkpoint, finish, one_error_line, train, train_process
 
 CPU = ["trainer.accelerator=cpu", "trainer.progress_bar=false", "eval.size=256"]
 SHORT = [*CPU, "trainer.max_steps=200", "eval.every_n_steps=100", "checkpoint.every_n_steps=100", "data.k=6"]

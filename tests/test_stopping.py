@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from procs import checkpoint, finish, train, train_process
+from conftest import checkpoint, finish, train, train_process
 
 CPU = ["trainer.accelerator=cpu", "trainer.progress_bar=false"]
 # Unsolvable within the budget, batches of 100 steps of ~30 ms each: a signal lands inside a batch.

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from config import CONFIG_DIR, ConfigError, compose
-from procs import clean_env, one_error_line
+from conftest import clean_env, one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))

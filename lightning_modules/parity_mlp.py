@@ -27,7 +27,7 @@ from networks.mlp import ACTIVATIONS, INITS, MLPEnsemble, mlp_ensemble
 from runtime import stopping
 from runtime.callbacks import log_evaluation
 from runtime.lightning_adapter import StepCounter, step_counter
-from metrics.hidden_progress import HiddenProgress
+from metrics.hidden_progress import EXACT_MAX_N, HiddenProgress
 
 
 STREAM_IDS = 2**32  # a Philox counter word; member m trains on stream 2m and evaluates on 2m + 1
@@ -278,7 +278,15 @@ class ParityMLP(ModelFamily, L.LightningModule):
                                     self.cfg.trainer.max_steps)
 
     def on_fit_start(self) -> None:
+        """Choose the train path; make the held-out set (and what the measures keep of it) before training starts,
+        as a dataset would be, so that the first evaluation does not pay for it."""
         self.train_path = self.choose_train_path(self.device, self.trainer.world_size)
+        dm = self.trainer.datamodule
+        x = dm.eval_set(self.device)[0]
+        if self.cfg.eval.hidden_progress and self.cfg.data.n > EXACT_MAX_N:
+            self.hidden_progress.fourier.characters(x[0], dm.secret)
+        if self.logger is not None:
+            self.logger.experiment  # noqa: B018 (TensorBoard's writer opens its event file here, not in the first step)
         if self.trainer.is_global_zero:
             print(f"train path: {self.train_path} ({PATHS[self.train_path]})", flush=True)
 
@@ -329,8 +337,13 @@ class ParityMLP(ModelFamily, L.LightningModule):
     @torch.no_grad()
     def measure(self, dm) -> torch.Tensor:
         """Accuracy (E,) of every member on its held-out stream: ``dm.eval_set`` on this module's device."""
+        return self.held_out(dm)[0]
+
+    def held_out(self, dm) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accuracy (E,) and outputs (E, N) of every member on its held-out stream."""
         x, y = dm.eval_set(self.device)
-        return (self.outputs(x) * y > 0).float().mean(1)
+        f = self.outputs(x)
+        return (f * y > 0).float().mean(1), f
 
     def metrics(self, accuracy: torch.Tensor) -> dict:
         """The evaluation's summary.json fields: per member for an ensemble, a plain value for a single model."""
@@ -340,14 +353,16 @@ class ParityMLP(ModelFamily, L.LightningModule):
     @torch.no_grad()
     def evaluate(self, step: int) -> None:
         """Accuracy of every member on its held-out stream; record first 100% as solved_step."""
-        self.accuracy = self.measure(self.trainer.datamodule)
+        self.accuracy, outputs = self.held_out(self.trainer.datamodule)
         newly = (self.accuracy == 1.0) & (self.solved_step < 0)
         self.solved_step[newly] = step
         solved = int((self.solved_step >= 0).sum())
         secret, hidden = self.trainer.datamodule.secret, {}
         if self.cfg.eval.hidden_progress:
             x = self.trainer.datamodule.eval_set(self.device)[0]  # cached by the datamodule
-            hidden = self.hidden_progress.measure(self.outputs, self.net.w1, self.w1_init, x[0], secret, step)
+            # the Fourier gap scores every member on member 0's held-out samples: a lone member's are its own
+            hidden = self.hidden_progress.measure(self.outputs, self.net.w1, self.w1_init, x[0], secret, step,
+                                                  outputs if len(self.members) == 1 else None)
         log_evaluation(self, {"eval/accuracy_mean": self.accuracy.mean(), "eval/accuracy_min": self.accuracy.min(),
                               "eval/members_solved": solved, **hidden}, step)
         experiment = getattr(self.logger, "experiment", None)

@@ -181,9 +181,11 @@ class HiddenProgress(nn.Module):
 
     @torch.no_grad()
     def measure(self, forward: Callable[[torch.Tensor], torch.Tensor], w1: torch.Tensor,
-                w1_init: torch.Tensor, held_out: torch.Tensor, secret: list[int], step: int) -> dict[str, torch.Tensor]:
+                w1_init: torch.Tensor, held_out: torch.Tensor, secret: list[int], step: int,
+                outputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Update every measure; returns the logged stats. ``forward``: x (members, N, n) -> f (members, N);
-        ``held_out``: samples (N, n) in {+1, -1} that no member trained on."""
+        ``held_out``: samples (N, n) in {+1, -1} that no member trained on; ``outputs``: forward's on them, where
+        the caller has them already."""
         members = w1.shape[0]
         for metric in (self.margin, self.drift, self.fourier):
             metric.reset()
@@ -191,7 +193,8 @@ class HiddenProgress(nn.Module):
         self.drift.update(w1, w1_init)
         exact = self.n <= EXACT_MAX_N
         x = boolean_cube(self.n, w1.device) if exact else held_out
-        self.fourier.update(forward(x.expand(members, -1, -1)), secret, None if exact else x)
+        f = outputs if outputs is not None and not exact else forward(x.expand(members, -1, -1))
+        self.fourier.update(f, secret, None if exact else x)
         self.steps.append(step)
         self.norms.append(column_norms(w1[: self.imaged]).cpu())
         return {**member_stats("hidden/margin", self.margin.compute()),

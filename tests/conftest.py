@@ -59,8 +59,8 @@ def train_process(cwd: Path, *args: str, env: Optional[dict] = None) -> subproce
     return start([sys.executable, str(ROOT / "train.py"), *args], cwd, env)
 
 
-def train(cwd: Path, *args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    return finish(train_process(cwd, *args, env=env))[0]
+def train(cwd: Path, *args: str, env: Optional[dict] = None, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
+    return finish(train_process(cwd, *args, env=env), timeout=timeout)[0]
 
 
 def checkpoint(run_dir: Path) -> dict:

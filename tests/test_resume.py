@@ -233,7 +233,7 @@ def test_missing_foreign_and_misshapen_checkpoints_are_refused(saved, tmp_path):
         load_for_resume(pickled, identity, model)
     assert "weights_only" not in str(refused.value)
     wider = ParityMLP(compose(["data.n=20", "model.width=50"]))
-    with pytest.raises(ConfigError, match=r"does not fit the model \(b1: checkpoint \(1, 100\), model \(1, 50\)"):
+    with pytest.raises(ConfigError, match=r"does not fit the model \(net.b1: checkpoint \(1, 100\), model \(1, 50\)"):
         load_for_resume(path, identity, wider, force=True)
 
 

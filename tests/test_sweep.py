@@ -254,7 +254,8 @@ def test_a_sweep_stopped_by_sigterm_continues_its_cell_from_the_checkpoint(tmp_p
     """The real train.py: SIGTERM to the sweep stops the cell at a step with a checkpoint; the same sweep
     command again continues that cell (resume=auto) to its budget and writes the results."""
     out = tmp_path / "sweep"
-    command = [sys.executable, "sweep.py", "trainer.accelerator=cpu", "data.k=6", "data.batch_size=4096",
+    # batches of 16384 samples: 600 steps take seconds, so the signal lands before the budget is spent
+    command = [sys.executable, "sweep.py", "trainer.accelerator=cpu", "data.k=6", "data.batch_size=16384",
                "eval.size=64", "eval.every_n_steps=600", "checkpoint.every_n_steps=600", "trainer.max_steps=600",
                "--grid", "data.n=40", "--out", str(out)]
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -263,7 +264,7 @@ def test_a_sweep_stopped_by_sigterm_continues_its_cell_from_the_checkpoint(tmp_p
     while not (cell / "tb").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
-    time.sleep(1.5)
+    time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from config import CONFIG_DIR, ConfigError, compose
+import conftest
 from conftest import clean_env, one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,8 +16,7 @@ PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
 
 def train(cwd: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "train.py"), "trainer.accelerator=cpu", "trainer.progress_bar=false", *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return conftest.train(cwd, "trainer.accelerator=cpu", "trainer.progress_bar=false", *args, timeout=timeout)
 
 
 BAD = {

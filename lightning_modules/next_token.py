@@ -10,6 +10,7 @@ import math
 import time
 
 import lightning as L
+from lightning.fabric.utilities.throughput import get_available_flops
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,13 +24,6 @@ from runtime import stopping
 from runtime.callbacks import log_evaluation
 
 POSITIONALS = ("learned", "rope", "none")
-# Dense FLOP/s by device name (first match wins): (float32 on CUDA cores, TF32 tensor cores).
-PEAK_FLOPS = {
-    "H100 PCIe": (51.2e12, 378e12),
-    "H100": (66.9e12, 494.7e12),
-    "H200": (66.9e12, 494.7e12),
-    "A100": (19.5e12, 156e12),
-}
 
 
 def make_backbone(cfg: Config, vocab_size: int, seq_len: int) -> nn.Module:
@@ -66,15 +60,6 @@ def teacher_forced_and_greedy(backbone: nn.Module, sequences: torch.Tensor, prom
             step = backbone.forward_cached(out[-1][:, None], cache, pos)[:, -1]
         out.append(step.argmax(-1))
     return logits, torch.stack(out, 1)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """The device's dense peak FLOP/s for float32 training, or None if unknown."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    tf32 = torch.get_float32_matmul_precision() != "highest"
-    return next((peaks[tf32] for key, peaks in PEAK_FLOPS.items() if key in name), None)
 
 
 class NextTokenModule(ModelFamily, L.LightningModule):
@@ -205,7 +190,8 @@ class NextTokenModule(ModelFamily, L.LightningModule):
         params = sum(p.numel() for p in self.backbone.parameters())
         out = {"solved_step": solved if solved >= 0 else None, **self.metrics(self.accuracy), "parameters": params,
                "tokens_per_s": round(self.tokens_per_s, 1)}
-        peak = peak_flops(self.device)
+        # Lightning's table of dense peak FLOP/s (TF32 where float32 matmuls may use it); none for CPUs
+        peak = get_available_flops(self.device, torch.float32) if self.device.type == "cuda" else None
         if peak:
             out["mfu"] = round(6 * params * self.tokens_per_s / (peak * self.trainer.world_size), 5)
         return out

@@ -20,6 +20,7 @@ def log_evaluation(module: L.LightningModule, metrics: dict[str, float], step: i
 
 class StepProgressBar(L.Callback):
     """One bar over SGD steps (not Lightning batches) with the metrics marked prog_bar."""
+    # Not Lightning's TQDMProgressBar: it counts batches per epoch, and here one infinite epoch's batch is ~100 steps.
 
     def __init__(self, solved_key: str = "eval/members_solved"):
         self.solved_key = solved_key
@@ -51,6 +52,8 @@ class StepProgressBar(L.Callback):
 
 class Throughput(L.Callback):
     """Training wall time, and steady-state samples/s (samples = steps x global batch x members).
+    Not Lightning's ThroughputMonitor: it times per batch on a rolling window and logs against its own batch
+    count, while this reports one rate per run for summary.json, and logs against SGD steps.
 
     The rate is timed from the end of the first batch, so one-off start-up work (the TensorBoard
     writer, first-call allocations) does not count; ``wall_s`` is the whole training loop. A run that ends

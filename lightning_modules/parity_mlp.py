@@ -56,6 +56,7 @@ class MLPKernelsConfig(KernelsConfig):
     compile: bool = False  # CPU: data generation and the ReLU/hinge SGD step as C++ (built once, ~40 s; cached)
 
 
+WHOLE_BATCH_BYTES = 2**21  # the fused step converts a batch's inputs to +/-1 at once up to this size, else per step
 PATHS = {  # train_path -> what trains
     "autograd": "autograd through forward and losses",
     "gradient": "hand-written gradient + torch.optim",
@@ -63,6 +64,14 @@ PATHS = {  # train_path -> what trains
     "cpp": "hand-written gradient fused into the plain-SGD update, as C++ (kernels.compile)",
     "cuda_graph": "hand-written gradient fused into the plain-SGD update, replayed as a CUDA graph",
 }
+
+
+def to_pm1(xs: torch.Tensor, out: torch.Tensor) -> None:
+    """Inputs as +/-1 floats into ``out``: bits b as 1 - 2b, floats (already +/-1) as they are."""
+    if xs.is_floating_point():
+        out.copy_(xs)
+    else:
+        torch.mul(xs, -2.0, out=out).add_(1.0)
 
 
 @register_model("mlp")
@@ -234,23 +243,26 @@ class ParityMLP(ModelFamily, L.LightningModule):
             return fused_cpu.plain_sgd_steps(fused_cpu.extension(), first, net.w2.detach(), net.b2.detach(), xs, ys,
                                              lr, count)
         relu, hinge = net.activation == "relu", self.cfg.model.loss == "hinge"
-        x = ys.new_ones(members, batch, n + 1)  # [x, 1]: its product with first adds b1
+        whole = members * steps * batch * (n + 1) * 4 <= WHOLE_BATCH_BYTES  # in cache: convert the batch at once
+        x = ys.new_ones(members, steps if whole else 1, batch, n + 1)  # [x, 1]: its product with first adds b1
+        if whole:
+            to_pm1(xs, x[..., :n])
         z, dz = ys.new_empty(members, batch, first.shape[2]), ys.new_empty(members, batch, first.shape[2])
         f, g = ys.new_empty(members, 1, batch), ys.new_empty(members, batch)
         w2, b2 = net.w2.detach().unsqueeze(1), net.b2.detach().view(-1, 1, 1)
-        inputs, x_t, z_t, f_row, g_col, g_row = x[..., :n], x.transpose(1, 2), z.transpose(1, 2), f.squeeze(1), \
-            g.unsqueeze(-1), g.unsqueeze(1)
-        bits = not xs.is_floating_point()
+        z_t, f_row, g_col, g_row = z.transpose(1, 2), f.squeeze(1), g.unsqueeze(-1), g.unsqueeze(1)
         if hinge:  # the hinge gradient is -y / B where the slack 1 - y f is positive: one threshold op a step
             slack, one = ys.new_empty(steps, members, batch), ys.new_ones(())
             scaled_y = (ys * (-1 / batch)).unbind(1)
         else:
             losses = ys.new_empty(steps, members)
-        for j, (x_j, y_j) in enumerate(zip(xs.unbind(1), ys.unbind(1))):  # no allocation of batch x width tensors
-            inputs.copy_(x_j)
-            if bits:  # 1 - 2 bits
-                inputs.mul_(-2.0).add_(1.0)
-            torch.bmm(x, first, out=z)
+        steps_x, steps_x_t = x.unbind(1), x.transpose(2, 3).unbind(1)
+        if not whole:  # one buffer, filled at each step
+            steps_x, steps_x_t = steps_x * steps, steps_x_t * steps
+        for j, y_j in enumerate(ys.unbind(1)):  # no allocation of batch x width tensors
+            if not whole:
+                to_pm1(xs[:, j], steps_x[j][..., :n])
+            torch.bmm(steps_x[j], first, out=z)
             h = z.clamp_min_(0) if relu else net.act(z)
             torch.baddbmm(b2, w2, z_t if relu else h.transpose(1, 2), out=f)  # w2 h^T: a row per member
             if hinge:
@@ -267,7 +279,7 @@ class ParityMLP(ModelFamily, L.LightningModule):
             count.before()
             w2.baddbmm_(g_row, h, alpha=-lr)
             b2.sub_(g.sum(1).view_as(b2), alpha=lr)
-            first.baddbmm_(x_t, dz, alpha=-lr)
+            first.baddbmm_(steps_x_t[j], dz, alpha=-lr)
             count.after()
             if stopping.requested():  # cut the batch short at this step
                 break

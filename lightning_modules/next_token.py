@@ -21,7 +21,7 @@ from networks.autoregressive import LinearConfig, NextTokenMLPConfig, linear_nex
 from networks.transformer import CoTTransformer, TransformerConfig
 from lightning_modules.optimizers import lightning_optimizers, optimizer
 from runtime import stopping
-from runtime.callbacks import log_evaluation
+from runtime.callbacks import log_evaluation, log_training
 
 POSITIONALS = ("learned", "rope", "none")
 
@@ -139,8 +139,7 @@ class NextTokenModule(ModelFamily, L.LightningModule):
         self.train_s += time.perf_counter() - start
         self.train_tokens += batch.tokens[:len(losses)].numel() * self.trainer.world_size
         step = self.trainer.global_step
-        self.log_dict({"train/loss": loss, "train/lr": schedule.get_last_lr()[0],
-                       "step": float(step)}, on_step=True, prog_bar=False)  # "step": the x-axis is SGD steps
+        log_training(self, {"train/loss": loss, "train/lr": schedule.get_last_lr()[0]}, step)  # x-axis: SGD steps
         if step % self.cfg.eval.every_n_steps == 0 or step >= self.cfg.trainer.max_steps:
             self.evaluate(step)
 

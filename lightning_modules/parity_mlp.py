@@ -25,7 +25,7 @@ from lightning_modules import cuda_graph
 from lightning_modules.optimizers import clip_per_member, lightning_optimizers, optimizer, scheduled
 from networks.mlp import ACTIVATIONS, INITS, MLPEnsemble, mlp_ensemble
 from runtime import stopping
-from runtime.callbacks import log_evaluation
+from runtime.callbacks import log_evaluation, log_training
 from runtime.lightning_adapter import StepCounter, step_counter
 from metrics.hidden_progress import EXACT_MAX_N, HiddenProgress
 
@@ -313,8 +313,7 @@ class ParityMLP(ModelFamily, L.LightningModule):
         else:
             losses = self.optimizer_steps(batch, opt, count)
         step = self.trainer.global_step
-        self.log("train/loss", torch.cat(losses).mean(), prog_bar=True, on_step=True, sync_dist=False)
-        self.log("step", float(step), on_step=True, sync_dist=False)  # x-axis of every logged scalar: SGD steps
+        log_training(self, {"train/loss": torch.cat(losses).mean()}, step)  # x-axis of every logged scalar: SGD steps
         if step % self.cfg.eval.every_n_steps == 0 or step >= self.cfg.trainer.max_steps:
             self.evaluate(step)
 

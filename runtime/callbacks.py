@@ -18,6 +18,14 @@ def log_evaluation(module: L.LightningModule, metrics: dict[str, float], step: i
     module.trainer.callback_metrics.update({name: torch.tensor(value) for name, value in values.items()})
 
 
+def log_training(module: L.LightningModule, metrics: dict[str, float], step: int) -> None:
+    """A batch's training metrics at SGD step ``step``, written as log_evaluation writes, and ``step`` in
+    callback_metrics (the step checkpoints record as logged). Not ``LightningModule.log``: it costs about a
+    millisecond a call (it moves its stored metric to the value's device each time), a fifth of a default batch."""
+    log_evaluation(module, metrics, step)
+    module.trainer.callback_metrics["step"] = torch.tensor(float(step))
+
+
 class StepProgressBar(L.Callback):
     """One bar over SGD steps (not Lightning batches) with the metrics marked prog_bar."""
     # Not Lightning's TQDMProgressBar: it counts batches per epoch, and here one infinite epoch's batch is ~100 steps.

@@ -26,7 +26,7 @@ from runtime.checkpointing import (IDENTITY_KEY, LOGGED_STEP_KEY, AtomicCheckpoi
 from lightning_modules.parity_mlp import ParityMLP
 from conftest import ROOT, TIMEOUT, checkpoint, clean_env, finish, one_error_line, start, train
 # Batches of 50 SGD steps (the largest that divides the eval and checkpoint periods); checkpoints at 200
-# and 400. The kill at 350 comes after the step-300 metrics reached TensorBoard: the resumed run must hide
+# and 400. The kill at 350 comes after the step-300 (and -350) metrics reached TensorBoard: the resumed run must hide
 # them and log them again. Momentum gives the optimizer a state to restore.
 RUN = ["trainer.accelerator=cpu", "trainer.progress_bar=false", "trainer.max_steps=400", "eval.every_n_steps=50",
        "checkpoint.every_n_steps=200", "optim.momentum=0.9", "eval.size=512"]
@@ -51,7 +51,7 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, uninterru
     killed = train(tmp_path, f"run_dir={run_dir}", *RUN, "trainer.fail_at_step=350")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert checkpoint(run_dir)["global_step"] == 200
-    assert max(step for step, _ in scalars(run_dir)["train/loss"]) == 300  # logged past the checkpoint
+    assert max(step for step, _ in scalars(run_dir)["train/loss"]) >= 300  # logged past the checkpoint
 
     resumed = train(tmp_path, f"run_dir={run_dir}", *RUN, "resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-2000:]

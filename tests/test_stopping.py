@@ -11,8 +11,8 @@ import torch
 from conftest import checkpoint, finish, train, train_process
 
 CPU = ["trainer.accelerator=cpu", "trainer.progress_bar=false"]
-# Unsolvable within the budget, batches of 100 steps of ~30 ms each: a signal lands inside a batch.
-LONG = [*CPU, "data.k=6", "data.batch_size=4096", "eval.size=256", "eval.every_n_steps=600",
+# Unsolvable within the budget, batches of 100 steps of ~0.1 s each (here): a signal lands inside a batch.
+LONG = [*CPU, "data.k=6", "data.batch_size=16384", "eval.size=256", "eval.every_n_steps=600",
         "checkpoint.every_n_steps=600", "trainer.max_steps=600"]
 
 
@@ -39,8 +39,8 @@ def reference(tmp_path_factory) -> dict:
 def test_a_signal_checkpoints_the_current_step_and_the_resumed_run_is_bitwise_equal(tmp_path, reference, signum):
     run_dir = tmp_path / "run"
     proc = train_process(tmp_path, f"run_dir={run_dir}", *LONG)
-    wait_for(run_dir / "tb", proc)
-    time.sleep(1.5)  # well inside training
+    wait_for(run_dir / "tb", proc)  # made just before training starts
+    time.sleep(0.5)  # well inside training
     proc.send_signal(signum)
     done = finish(proc)[0]
     assert done.returncode == 128 + signum, done.stderr[-2000:]

@@ -6,7 +6,6 @@ tokens[:, prompt_len:]. Every ``eval.every_n_steps`` the held-out set is scored 
 answer produced by greedy generation of the whole completion from the prompt alone) and
 ``chain_accuracy`` (the whole generated completion exact). Solved = greedy accuracy 1.0.
 """
-import math
 import time
 
 import lightning as L

@@ -201,7 +201,8 @@ def main(argv: list[str]) -> int:
         log_hparams(cfg, dm, model, trainer, summary)
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(f"run_dir: {run_dir}")
-        print(f"solved_step: {summary['solved_step']}  final_accuracy: {summary['final_accuracy']}  "
+        final = next(key for key in summary if key.startswith("final_"))
+        print(f"solved_step: {summary['solved_step']}  {final}: {summary[final]}  "
               f"samples/s: {summary['samples_per_s']:.0f}  wall: {summary['train_wall_s']:.1f}s")
     del lock  # held to the end: no second process enters this run directory while it runs
     return 0

@@ -35,7 +35,7 @@ class Ticket(NamedTuple):
 class ClassifierBatch(NamedTuple):
     """A classifier task's batch, one row of streams per ensemble member."""
     x: torch.Tensor  # (members, steps, local batch, n): float +/-1 on GPUs, uint8 bits on CPUs (see pm1)
-    y: torch.Tensor  # (members, steps, local batch) float +/-1
+    y: torch.Tensor  # (members, steps, local batch) float: +/-1 labels, or real targets of a regression task
     step: int
 
 

@@ -42,6 +42,8 @@ class Task(L.LightningDataModule):
     name: ClassVar[str]
     configs: ClassVar[dict[str, type[DataConfig]]]
     size_key: ClassVar[str]  # the key that sizes a sample (blamed when a run would not fit in memory)
+    regression: ClassVar[bool] = False  # classifier format: real targets (square loss) instead of +/-1 labels
+    score_name: ClassVar[str] = "accuracy"  # what ``score`` measures: summary.json's final_<score_name>
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -101,6 +103,12 @@ class Task(L.LightningDataModule):
     def eval_set(self, device: torch.device):
         """The fixed held-out samples on ``device`` (never training samples)."""
         raise NotImplementedError
+
+    def score(self, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classifier format: each member's held-out score from outputs f (E, N) and targets y (E, N), and
+        whether it counts as solved. Labels: the accuracy of sign(f), solved at 100%."""
+        accuracy = (f * y > 0).float().mean(1)
+        return accuracy, accuracy == 1.0
 
 
 def task_class(name: str) -> type[Task]:

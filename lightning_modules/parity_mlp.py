@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from config import FLOAT, INDEX, Config, EvalConfig, KernelsConfig, ModelConfig, Term, batch_sizes, need
+from datamodules import task_class
 from datamodules.stream import pm1
 from lightning_modules.family import ModelFamily, register_model
 from lightning_modules import cuda_graph
@@ -86,6 +87,8 @@ class ParityMLP(ModelFamily, L.LightningModule):
         for key, allowed in CHOICES.items():
             need(getattr(m, key) in allowed, f"model.{key}", f"{getattr(m, key)!r} is not one of {', '.join(allowed)}")
         need(m.width >= 1, "model.width", f"must be >= 1, got {m.width}")
+        need(not task_class(cfg.data.task).regression or m.loss == "square", "model.loss",
+             f"the {cfg.data.task} task is a regression target: it needs square, got {m.loss}")
         need(m.ensemble >= 1, "model.ensemble", f"must be >= 1, got {m.ensemble}")
         need(m.member_offset >= 0, "model.member_offset", f"must be >= 0, got {m.member_offset}")
         last = STREAM_IDS // 2  # member m's streams 2m and 2m + 1 must be < 2**32
@@ -143,7 +146,8 @@ class ParityMLP(ModelFamily, L.LightningModule):
                                 m.init_sparsity)
         self.register_buffer("w1_init", self.net.w1.detach().clone())
         self.register_buffer("solved_step", torch.full((len(self.members),), -1, dtype=torch.long))
-        self.register_buffer("accuracy", torch.zeros(len(self.members)))
+        self.register_buffer("score", torch.zeros(len(self.members)))  # held-out, the task's measure (Task.score)
+        self.score_name = task_class(cfg.data.task).score_name
         self.hidden_progress = HiddenProgress(cfg.data.n, cfg.data.k)
         self.train_path = None  # chosen when fitting starts (choose_train_path)
 
@@ -152,7 +156,7 @@ class ParityMLP(ModelFamily, L.LightningModule):
         return self.net(x)
 
     def losses(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-member mean loss (E,) of outputs f against labels y in {+1, -1}."""
+        """Per-member mean loss (E,) of outputs f against labels y in {+1, -1} (square loss: any real targets)."""
         loss = self.cfg.model.loss
         if loss == "hinge":
             return (1 - y * f).relu().mean(1)
@@ -347,25 +351,26 @@ class ParityMLP(ModelFamily, L.LightningModule):
 
     @torch.no_grad()
     def measure(self, dm) -> torch.Tensor:
-        """Accuracy (E,) of every member on its held-out stream: ``dm.eval_set`` on this module's device."""
+        """The task's score (E,) of every member on its held-out stream: ``dm.eval_set`` on this module's device."""
         return self.held_out(dm)[0]
 
-    def held_out(self, dm) -> tuple[torch.Tensor, torch.Tensor]:
-        """Accuracy (E,) and outputs (E, N) of every member on its held-out stream."""
+    def held_out(self, dm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Score (E,), whether solved (E,) and outputs (E, N) of every member on its held-out stream."""
         x, y = dm.eval_set(self.device)
         f = self.outputs(x)
-        return (f * y > 0).float().mean(1), f
+        return *dm.score(f, y), f
 
-    def metrics(self, accuracy: torch.Tensor) -> dict:
-        """The evaluation's summary.json fields: per member for an ensemble, a plain value for a single model."""
-        values = accuracy.tolist()
-        return {"final_accuracy": values[0] if len(self.members) == 1 else values}
+    def metrics(self, score: torch.Tensor) -> dict:
+        """The evaluation's summary.json field final_<score name> (final_accuracy for labels): per member for an
+        ensemble, a plain value for a single model."""
+        values = score.tolist()
+        return {f"final_{self.score_name}": values[0] if len(self.members) == 1 else values}
 
     @torch.no_grad()
     def evaluate(self, step: int) -> None:
-        """Accuracy of every member on its held-out stream; record first 100% as solved_step."""
-        self.accuracy, outputs = self.held_out(self.trainer.datamodule)
-        newly = (self.accuracy == 1.0) & (self.solved_step < 0)
+        """The task's score of every member on its held-out stream; record the first solved one as solved_step."""
+        self.score, solved_now, outputs = self.held_out(self.trainer.datamodule)
+        newly = solved_now & (self.solved_step < 0)
         self.solved_step[newly] = step
         solved = int((self.solved_step >= 0).sum())
         secret, hidden = self.trainer.datamodule.secret, {}
@@ -374,7 +379,9 @@ class ParityMLP(ModelFamily, L.LightningModule):
             # the Fourier gap scores every member on member 0's held-out samples: a lone member's are its own
             hidden = self.hidden_progress.measure(self.outputs, self.net.w1, self.w1_init, x[0], secret, step,
                                                   outputs if len(self.members) == 1 else None)
-        log_evaluation(self, {"eval/accuracy_mean": self.accuracy.mean(), "eval/accuracy_min": self.accuracy.min(),
+        name = self.score_name
+        log_evaluation(self, {f"eval/{name}_mean": self.score.mean(), f"eval/{name}_min": self.score.min(),
+                              f"eval/{name}_max": self.score.max(),
                               "eval/members_solved": solved, **hidden}, step)
         experiment = getattr(self.logger, "experiment", None)
         if hidden and self.trainer.is_global_zero and hasattr(experiment, "add_image"):
@@ -386,4 +393,4 @@ class ParityMLP(ModelFamily, L.LightningModule):
     def results(self) -> dict:
         """summary.json fields: per member for an ensemble, plain values for a single model."""
         solved = [s if s >= 0 else None for s in self.solved_step.tolist()]
-        return {"solved_step": solved[0] if len(self.members) == 1 else solved, **self.metrics(self.accuracy)}
+        return {"solved_step": solved[0] if len(self.members) == 1 else solved, **self.metrics(self.score)}

@@ -174,16 +174,22 @@ def read_summary(cell: Cell) -> dict:
     path = cell.run_dir / "summary.json"
     try:
         summary = json.loads(path.read_text())
-        solved, accuracy, members = summary["solved_step"], summary["final_accuracy"], summary["members"]
+        solved, members = summary["solved_step"], summary["members"]
+        accuracy = summary[final_key(summary)]
     except FileNotFoundError:
         raise SummaryError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, StopIteration) as err:
         raise SummaryError(f"{path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0]})") from None
     per_member = isinstance(solved, list)
     if (not isinstance(members, list) or not members or per_member != isinstance(accuracy, list)
             or (per_member and not len(solved) == len(accuracy) == len(members))):
-        raise SummaryError(f"{path}: unreadable (solved_step, final_accuracy and members do not match)")
+        raise SummaryError(f"{path}: unreadable (solved_step, {final_key(summary)} and members do not match)")
     return summary
+
+
+def final_key(summary: dict) -> str:
+    """The summary's final held-out score: final_accuracy, or the task's own (final_relative_mse, ...)."""
+    return next(key for key in summary if key.startswith("final_"))
 
 
 def describe(status: int) -> str:
@@ -285,8 +291,8 @@ eval "$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(str((out / 'cells.tx
 
 # --- results -----------------------------------------------------------------------------------
 def member_steps(summary: dict) -> tuple[np.ndarray, list[float]]:
-    """(solved steps with +inf for censored members, final accuracies) of a finished cell's summary."""
-    solved, accuracy = summary["solved_step"], summary["final_accuracy"]
+    """(solved steps with +inf for censored members, final scores) of a finished cell's summary."""
+    solved, accuracy = summary["solved_step"], summary[final_key(summary)]
     solved, accuracy = (solved, accuracy) if isinstance(solved, list) else ([solved], [accuracy])
     steps = np.array([math.inf if s is None else float(s) for s in solved])
     return steps, accuracy
@@ -322,7 +328,7 @@ def summarize(finished: list[Outcome]) -> tuple[list[dict], list[dict]]:
         for member, step, acc in zip(members, steps, accuracy):
             rows.append({**cell.values, "seed": cell.cfg.seed, "member": member,
                          "solved_step": int(step) if np.isfinite(step) else "",
-                         "censored": int(not np.isfinite(step)), "budget": budget, "final_accuracy": acc})
+                         "censored": int(not np.isfinite(step)), "budget": budget, "final_score": acc})
         median = float(np.median(steps))
         table.append({"cell": cell.name, "values": cell.values, **task_class(cell.cfg.data.task)(cell.cfg).keys(),
                       "members": len(members), "solved": int(np.isfinite(steps).sum()),

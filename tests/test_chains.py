@@ -1,6 +1,7 @@
 """The threshold-gate chain (data.chain=gates) and the sequential chain's stride (data.chain_stride)."""
 import math
 
+import lightning as L
 import pytest
 import torch
 
@@ -8,6 +9,7 @@ from config import ConfigError, compose
 from datamodules.cot import chain_len
 from datamodules.parity import ParityTask
 from kernels import sparse_parity
+from runtime.experiment import build
 
 SEP = 2
 CPU = torch.device("cpu")
@@ -124,3 +126,23 @@ def test_bad_chain_keys_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:
         chain_config(12, 4, *overrides)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def train_linear(chain: str) -> dict:
+    """A linear next-token model trained in-process on (n = 10, k = 3) parity with ``chain``; its results."""
+    cfg = compose(["experiment=cot_parity", "model.kind=linear", f"data.chain={chain}", "data.n=10", "data.k=3",
+                   "trainer.max_steps=200", "eval.every_n_steps=50", "eval.size=512", "optim.lr=0.01",
+                   "trainer.accelerator=cpu"], machine=False)
+    dm, model = build(cfg)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=cfg.trainer.max_steps, max_epochs=-1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    return model.results()
+
+
+def test_a_linear_model_learns_the_gates_chain_but_not_the_sequential_one():
+    """Malach 2024: every gate token is linearly computable, the sequential chain's XOR tokens are not."""
+    gates, sequential = train_linear("gates"), train_linear("sequential")
+    assert gates["solved_step"] is not None and gates["chain_accuracy"] == 1.0
+    assert sequential["solved_step"] is None and sequential["greedy_accuracy"] < 0.6

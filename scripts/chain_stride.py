@@ -1,13 +1,16 @@
 """Steps to solve sparse parity against the sequential chain's stride b (secret bits folded into each token).
 
     python scripts/chain_stride.py --out DIR [--kinds transformer mlp] [--strides 1 2 3 4 5 6 7 8]
-                                   [--n 30] [--k 8] [--budget 1500] [--seeds 0] [--set key=value ...]
+                                   [--n 30] [--k 8] [--budget 1000] [--seeds 0] [--stop-after-unsolved M]
+                                   [--set key=value ...]
 
 One ``python train.py experiment=cot_parity model.kind=KIND data.n=N data.k=K data.chain_stride=B
 trainer.max_steps=BUDGET`` per (kind, b, seed): every other setting is the experiment's. Stride b writes
 ceil(k / b) chain tokens, each the parity of b more secret bits than the one before; b = 1 is the
 sequential chain, b >= k the answer alone. A run stops when it solves (greedy accuracy 100% on the
-held-out prompts); one unsolved at the budget counts as "> budget". Writes DIR/chain_stride.csv (one row
+held-out prompts); one unsolved at the budget counts as "> budget". With ``--stop-after-unsolved M`` a
+kind's larger strides are not run once M strides in a row went unsolved by every seed (coarser chains are
+assumed no easier). Writes DIR/chain_stride.csv (one row
 per run), DIR/chain_stride.md (median steps over seeds) and DIR/chain_stride.png; runs live in DIR/runs/.
 """
 import argparse
@@ -43,8 +46,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--strides", type=int, nargs="+", default=list(range(1, 9)))
     parser.add_argument("--n", type=int, default=30)
     parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--budget", type=int, default=1500, help="training steps per run")
+    parser.add_argument("--budget", type=int, default=1000, help="training steps per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--stop-after-unsolved", type=int, default=0, metavar="M",
+                        help="skip a kind's larger strides after M unsolved strides in a row (0: run all)")
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                         help="extra train.py overrides for every run, e.g. --set optim.lr=0.003")
     args = parser.parse_args(argv)
@@ -54,6 +59,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--k: must be in [1, --n], got {args.k} with --n {args.n}")
     if args.budget < 1:
         parser.error(f"--budget: must be >= 1, got {args.budget}")
+    if args.stop_after_unsolved < 0:
+        parser.error(f"--stop-after-unsolved: must be >= 0, got {args.stop_after_unsolved}")
     return args
 
 
@@ -80,6 +87,9 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
         cells = []
         for kind in args.kinds:
             rows = [r for r in results if r["kind"] == kind and r["stride"] == b]
+            if not rows:
+                cells.append("not run (smaller strides unsolved)")
+                continue
             steps = median_steps(rows)
             greedy = statistics.median(r["greedy_accuracy"] for r in rows)
             token = statistics.median(r["token_accuracy"] for r in rows)
@@ -92,10 +102,11 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
 def figure(results: list[dict], args: argparse.Namespace) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind in args.kinds:
-        steps = [median_steps([r for r in results if r["kind"] == kind and r["stride"] == b]) for b in args.strides]
-        solved = [(b, s) for b, s in zip(args.strides, steps) if s != math.inf]
+        ran = [b for b in args.strides if any(r["kind"] == kind and r["stride"] == b for r in results)]
+        steps = [median_steps([r for r in results if r["kind"] == kind and r["stride"] == b]) for b in ran]
+        solved = [(b, s) for b, s in zip(ran, steps) if s != math.inf]
         line, = ax.plot([b for b, _ in solved], [s for _, s in solved], "o-", label=kind if solved else None)
-        unsolved = [b for b, s in zip(args.strides, steps) if s == math.inf]
+        unsolved = [b for b, s in zip(ran, steps) if s == math.inf]
         ax.plot(unsolved, [args.budget] * len(unsolved), "^", color=line.get_color(), markerfacecolor="none",
                 markersize=9, label=f"{kind}: unsolved at budget" if unsolved else None)
     ax.axhline(args.budget, color="grey", linestyle=":", linewidth=1)
@@ -113,7 +124,10 @@ def main(argv: list[str]) -> int:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     results = []
     for kind in args.kinds:
+        unsolved_in_a_row = 0
         for b in args.strides:
+            if args.stop_after_unsolved and unsolved_in_a_row >= args.stop_after_unsolved:
+                break
             for seed in args.seeds:
                 start = time.perf_counter()
                 summary = train(kind, b, seed, args, out / "runs" / f"{kind}-b{b}-seed{seed}")
@@ -121,6 +135,8 @@ def main(argv: list[str]) -> int:
                 results.append(row)
                 print(f"kind={kind:<11} b={b:<2} seed={seed}: solved_step={row['solved_step']} "
                       f"greedy_accuracy={row['greedy_accuracy']:.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
+            solved = any(r["solved_step"] is not None for r in results[-len(args.seeds):])
+            unsolved_in_a_row = 0 if solved else unsolved_in_a_row + 1
     with open(out / "chain_stride.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()

@@ -131,7 +131,7 @@ def test_bad_chain_keys_name_the_key(overrides, message):
 def train_linear(chain: str) -> dict:
     """A linear next-token model trained in-process on (n = 10, k = 3) parity with ``chain``; its results."""
     cfg = compose(["experiment=cot_parity", "model.kind=linear", f"data.chain={chain}", "data.n=10", "data.k=3",
-                   "trainer.max_steps=200", "eval.every_n_steps=50", "eval.size=512", "optim.lr=0.01",
+                   "trainer.max_steps=150", "eval.every_n_steps=50", "eval.size=512", "optim.lr=0.01",
                    "trainer.accelerator=cpu"], machine=False)
     dm, model = build(cfg)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=cfg.trainer.max_steps, max_epochs=-1, logger=False,

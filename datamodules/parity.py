@@ -12,7 +12,7 @@ from typing import ClassVar, Optional
 import torch
 
 from config import Config, ConfigError, DataConfig, need
-from datamodules.cot import CHAINS, VOCAB_SIZE, chain_len, tree_chain
+from datamodules.cot import CHAINS, VOCAB_SIZE, chain_len, completion
 from datamodules.stream import ClassifierBatch, SequenceBatch, Ticket, eval_stream, joined, pm1, train_stream
 from datamodules.task import SequenceLayout, Task, register_task
 from kernels import sparse_parity
@@ -31,7 +31,8 @@ class ParityConfig(DataConfig):
 @dataclass
 class ParityChainConfig(ParityConfig):
     format: ClassVar[str] = "sequence"
-    chain: str = "none"  # none | sequential | tree: the intermediate steps before the answer
+    chain: str = "none"  # none | sequential | tree | gates: the intermediate steps before the answer
+    chain_stride: int = 1  # sequential chain: secret bits folded into each token
 
 
 def secret_for(seed: int, n: int, k: int) -> list[int]:
@@ -69,6 +70,9 @@ class ParityTask(Task):
                  "data.secret", f"must be {d.k} distinct indices in [0, {d.n}), got {list(d.secret)}")
         if d.format == "sequence":
             need(d.chain in CHAINS, "data.chain", f"{d.chain!r} is not one of {', '.join(CHAINS)}")
+            need(d.chain_stride >= 1, "data.chain_stride", f"must be >= 1, got {d.chain_stride}")
+            need(d.chain_stride == 1 or d.chain == "sequential", "data.chain_stride",
+                 f"applies to data.chain=sequential only, got {d.chain_stride} with data.chain={d.chain}")
 
     @classmethod
     def input_size(cls, data: ParityConfig) -> int:
@@ -76,7 +80,7 @@ class ParityTask(Task):
 
     @classmethod
     def layout(cls, data: ParityChainConfig) -> SequenceLayout:
-        return SequenceLayout(VOCAB_SIZE, data.n + 1, data.n + 1 + chain_len(data.chain, data.k), 1)
+        return SequenceLayout(VOCAB_SIZE, data.n + 1, data.n + 1 + chain_len(data.chain, data.k, data.chain_stride), 1)
 
     @property
     def secret(self) -> list[int]:
@@ -123,11 +127,9 @@ class ParityTask(Task):
         secret, stream_id = self.device_args(stream, device)
         tokens, y, _ = sparse_parity(self.cfg.seed, start, count, d.n, secret, stream=stream_id, noise=noise,
                                      backend=self.cfg.kernels.backend, device=device, layout="tokens")
-        if d.chain == "tree":
-            chain = tree_chain(tokens[:, secret])
+        if d.chain != "sequential" or d.chain_stride != 1:  # else the kernel's tokens are the chain
+            chain = completion(d.chain, tokens[:, secret], d.chain_stride)
             tokens = torch.cat([tokens[:, :self.prompt_len], chain], dim=1)
-        elif d.chain == "none":
-            tokens = tokens[:, :self.prompt_len + 1].clone()
         tokens[:, -1] = y  # the (possibly noisy) answer
         return tokens
 

@@ -106,7 +106,7 @@ def test_every_preset_is_accepted_and_small(preset, trainer):
     [COT], [COT, "data.chain=none"], [COT, "data.chain=tree"], [COT, "data.k=1", "data.chain=tree"],
     [COT, "data.n=5", "data.k=2", "data.chain=tree"],
     *[["experiment=multiply_cot", f"data.digits={d}", f"data.chain={c}"] for d in (1, 2, 5, 9)
-      for c in ("none", "sequential")]])
+      for c in ("none", "sequential", "malach", "malach_joined")]])
 def test_the_layout_the_memory_check_uses_is_the_generated_one(args):
     from datamodules import task_class
     from datamodules.stream import Ticket

@@ -3,9 +3,9 @@ the middle cell at the end; with or without the computation's trace as a chain o
 
 Cell i of the next row is bit 4 l + 2 c + r of RULE = 110 = 0b01101110, where (l, c, r) are cells
 i - 1, i, i + 1 of the current row; the ring wraps (cell -1 is cell w - 1). The middle cell is
-m = w // 2. After T steps it depends only on its light cone, the 2T + 1 cells m - T .. m + T of the
-first row (``data.cells`` >= 2T + 1, so the cone never meets itself around the ring). The prompt is
-the w cells, then ``=``; ``data.chain`` picks the completion:
+m = w // 2. After T = ``data.generations`` steps it depends only on its light cone, the 2T + 1 cells
+m - T .. m + T of the first row (``data.cells`` >= 2T + 1, so the cone never meets itself around the
+ring). The prompt is the w cells, then ``=``; ``data.chain`` picks the completion:
 
 * ``none``: the answer alone (sequence length w + 2);
 * ``trace``: the light cone row by row, t = 1 .. T: row t keeps cells m - (T - t) .. m + (T - t),
@@ -46,7 +46,7 @@ VOCAB_SIZE = 4
 SYMBOLS = "01=>"
 SPLIT_STREAM = 0xFFFFFFFF  # counter word 3 of the split hash (sample streams are 0 and 1)
 CANDIDATES = 8  # rings drawn per round; a sample whose 8 all miss its side draws 8 more
-MAX_STEPS = 31  # a cone pattern (2T + 1 bits) fits two 32-bit counter words
+MAX_GENERATIONS = 31  # a cone pattern (2T + 1 bits) fits two 32-bit counter words
 MAX_CELLS = 4096
 CHAINS = ("none", "trace", "rows")
 
@@ -56,7 +56,7 @@ class Rule110Config(DataConfig):
     format: ClassVar[str] = "sequence"
     task: str = "rule110"
     cells: int = 17  # w: cells of the ring
-    steps: int = 8  # T: steps of Rule 110
+    generations: int = 8  # T: steps of Rule 110 (summary.json's ``steps`` counts SGD steps)
     chain: str = "none"  # none | trace | rows
 
 
@@ -72,10 +72,10 @@ def step_cone(rows: torch.Tensor) -> torch.Tensor:
     return (RULE >> neighbourhood) & 1
 
 
-def cone(cells: torch.Tensor, steps: int) -> torch.Tensor:
-    """The light cone of the middle cell after ``steps``: cells m - T .. m + T of rings (count, w)."""
+def cone(cells: torch.Tensor, generations: int) -> torch.Tensor:
+    """The light cone of the middle cell after ``generations``: cells m - T .. m + T of rings (count, w)."""
     middle = cells.shape[1] // 2
-    return cells[:, middle - steps:middle + steps + 1]
+    return cells[:, middle - generations:middle + generations + 1]
 
 
 def pattern(cone_cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +93,7 @@ def held_out(seed: int, cone_cells: torch.Tensor) -> torch.Tensor:
     return (word >> 30) == 3
 
 
-def rings(seed: int, start: int, count: int, stream: int, cells: int, steps: int, held: bool,
+def rings(seed: int, start: int, count: int, stream: int, cells: int, generations: int, held: bool,
           device: torch.device) -> torch.Tensor:
     """First rows (count, w) of samples [start, start + count) of ``stream``, their cones on the ``held`` side."""
     key0, key1 = split_seed(seed)
@@ -110,7 +110,7 @@ def rings(seed: int, start: int, count: int, stream: int, cells: int, steps: int
                                        torch.full_like(counters[None], stream), key0, key1), dim=-1)
         bits = (words[..., None] >> shifts) & 1  # (pending, candidates * calls, 4 words, 32 bits)
         candidates = bits.view(pending.numel(), CANDIDATES, calls * 128)[..., :cells]
-        fits = held_out(seed, cone(candidates.reshape(-1, cells), steps)).view(-1, CANDIDATES) == held
+        fits = held_out(seed, cone(candidates.reshape(-1, cells), generations)).view(-1, CANDIDATES) == held
         found = fits.any(1)
         first = fits.to(torch.int8).argmax(1)  # the first fitting candidate
         chosen = candidates[torch.arange(pending.numel(), device=device), first]
@@ -120,7 +120,7 @@ def rings(seed: int, start: int, count: int, stream: int, cells: int, steps: int
     return out
 
 
-def sequences(cells: torch.Tensor, steps: int, chain: str) -> torch.Tensor:
+def sequences(cells: torch.Tensor, generations: int, chain: str) -> torch.Tensor:
     """The token sequences (count, seq_len) of rings (count, w) in the format of the module docstring."""
     def mark(token: int) -> torch.Tensor:
         return torch.full((cells.shape[0], 1), token, dtype=torch.int64, device=cells.device)
@@ -128,13 +128,13 @@ def sequences(cells: torch.Tensor, steps: int, chain: str) -> torch.Tensor:
     parts = [cells, mark(EQUALS)]
     if chain == "rows":
         row = cells
-        for _ in range(steps):
+        for _ in range(generations):
             row = step_ring(row)
             parts.append(row)
         parts += [mark(ANSWER), row[:, cells.shape[1] // 2, None]]
         return torch.cat(parts, dim=1)
-    row = cone(cells, steps)
-    for _ in range(steps):
+    row = cone(cells, generations)
+    for _ in range(generations):
         row = step_cone(row)
         parts += [row] if chain == "trace" else []
     parts += [] if chain == "trace" else [row]
@@ -161,22 +161,23 @@ class Rule110Task(Task):
     @classmethod
     def validate(cls, cfg: Config) -> None:
         d = cfg.data
-        need(1 <= d.steps <= MAX_STEPS, "data.steps", f"must be in [1, {MAX_STEPS}], got {d.steps}")
-        need(2 * d.steps + 1 <= d.cells <= MAX_CELLS, "data.cells",
-             f"must be in [2 data.steps + 1 = {2 * d.steps + 1}, {MAX_CELLS}] (the light cone must not wrap), "
-             f"got {d.cells}")
+        need(1 <= d.generations <= MAX_GENERATIONS, "data.generations",
+             f"must be in [1, {MAX_GENERATIONS}], got {d.generations}")
+        need(2 * d.generations + 1 <= d.cells <= MAX_CELLS, "data.cells",
+             f"must be in [2 data.generations + 1 = {2 * d.generations + 1}, {MAX_CELLS}] "
+             f"(the light cone must not wrap), got {d.cells}")
         need(d.chain in CHAINS, "data.chain", f"{d.chain!r} is not one of {', '.join(CHAINS)}")
 
     @classmethod
     def layout(cls, data: Rule110Config) -> SequenceLayout:
-        completion = {"none": 1, "trace": data.steps ** 2, "rows": data.steps * data.cells + 2}[data.chain]
+        completion = {"none": 1, "trace": data.generations ** 2, "rows": data.generations * data.cells + 2}[data.chain]
         return SequenceLayout(VOCAB_SIZE, data.cells + 1, data.cells + 1 + completion, 1)
 
     def sample(self, start: int, count: int, stream: int, device: torch.device) -> torch.Tensor:
         """Samples [start, start + count) of ``stream`` (train or eval side of the split), (count, seq_len)."""
         d = self.cfg.data
-        first = rings(self.cfg.seed, start, count, stream, d.cells, d.steps, stream != train_stream(0), device)
-        return sequences(first, d.steps, d.chain)
+        first = rings(self.cfg.seed, start, count, stream, d.cells, d.generations, stream != train_stream(0), device)
+        return sequences(first, d.generations, d.chain)
 
     def generate(self, ticket: Ticket, device: torch.device) -> SequenceBatch:
         """The sequences of a ticket: rank r's slice of each global batch in the ticket's steps."""

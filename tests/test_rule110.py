@@ -57,7 +57,8 @@ def test_docstring_example():
 @pytest.mark.parametrize("chain", CHAINS)
 @pytest.mark.parametrize("cells,steps", [(3, 1), (9, 4), (10, 4), (17, 8), (40, 6)])
 def test_formats_match_the_brute_force_diagram(chain, cells, steps):
-    dm = Rule110Task(rule110_config(f"data.cells={cells}", f"data.steps={steps}", f"data.chain={chain}", "seed=3"))
+    dm = Rule110Task(rule110_config(f"data.cells={cells}", f"data.generations={steps}", f"data.chain={chain}",
+                                    "seed=3"))
     for stream in (0, 1):
         tokens = dm.sample(0, 60, stream, CPU)
         assert tokens.dtype == torch.int64 and tokens.shape == (60, dm.seq_len)
@@ -75,7 +76,7 @@ def test_split_is_a_quarter_and_streams_stay_on_their_side():
     fraction = held_out(0, patterns).float().mean().item()
     assert 0.235 < fraction < 0.265
     assert not torch.equal(held_out(0, patterns), held_out(1, patterns))
-    dm = Rule110Task(rule110_config("data.cells=15", "data.steps=6", "eval.size=4000"))
+    dm = Rule110Task(rule110_config("data.cells=15", "data.generations=6", "eval.size=4000"))
     train = dm.generate(Ticket(0, 250, 0, 1), CPU).tokens.reshape(-1, dm.seq_len)[:, 1:14]
     held = dm.eval_set(CPU)[:, 1:14]  # the cone of cell 7: cells 1 .. 13
     assert not held_out(0, train).any() and held_out(0, held).all()
@@ -111,10 +112,18 @@ def test_layouts(chain, seq_len):
     assert (layout.vocab_size, layout.prompt_len, layout.seq_len, layout.answer_len) == (4, 18, seq_len, 1)
 
 
-@pytest.mark.parametrize("override,key", [("data.steps=0", "data.steps"), ("data.steps=32", "data.steps"),
-                                          ("data.cells=16", "data.cells"), ("data.cells=4097", "data.cells"),
-                                          ("data.chain=tree", "data.chain"), ("data.digits=2", "data.digits"),
-                                          ("data.n=20", "data.n")])
+def test_summary_fields_leave_steps_to_training():
+    """summary.json's ``steps`` counts SGD steps: the task's own fields must not overwrite it, nor it them."""
+    fields = Rule110Task(rule110_config()).summary_fields()
+    assert "steps" not in fields and (fields["cells"], fields["generations"], fields["chain"]) == (17, 8, "trace")
+
+
+REFUSALS = [("data.generations=0", "data.generations"), ("data.generations=32", "data.generations"),
+            ("data.cells=16", "data.cells"), ("data.cells=4097", "data.cells"), ("data.chain=tree", "data.chain"),
+            ("data.digits=2", "data.digits"), ("data.n=20", "data.n"), ("data.steps=8", "data.steps")]
+
+
+@pytest.mark.parametrize("override,key", REFUSALS)
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=f"^{key}: "):
         Rule110Task(rule110_config(override))
@@ -122,7 +131,7 @@ def test_bad_config_names_the_key(override, key):
 
 def trained_mlp(chain: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     """A tiny MLP next-token model trained 400 steps on (w = 7, T = 3): held-out sequences, greedy completions."""
-    cfg = rule110_config("model.kind=mlp", "model.width=64", "model.depth=1", "data.cells=7", "data.steps=3",
+    cfg = rule110_config("model.kind=mlp", "model.width=64", "model.depth=1", "data.cells=7", "data.generations=3",
                          f"data.chain={chain}", "data.batch_size=64", "eval.size=512")
     dm = Rule110Task(cfg)
     net = make_backbone(cfg, dm.vocab_size, dm.seq_len)

@@ -1,0 +1,193 @@
+"""Rule 110 (Wolfram 1983; universal, Cook 2004) as a next-token task: a ring of w random cells, T steps,
+the middle cell at the end; with or without the computation's trace as a chain of thought.
+
+Cell i of the next row is bit 4 l + 2 c + r of RULE = 110 = 0b01101110, where (l, c, r) are cells
+i - 1, i, i + 1 of the current row; the ring wraps (cell -1 is cell w - 1). The middle cell is
+m = w // 2. After T = ``data.generations`` steps it depends only on its light cone, the 2T + 1 cells
+m - T .. m + T of the first row (``data.cells`` >= 2T + 1, so the cone never meets itself around the
+ring). The prompt is the w cells, then ``=``; ``data.chain`` picks the completion:
+
+* ``none``: the answer alone (sequence length w + 2);
+* ``trace``: the light cone row by row, t = 1 .. T: row t keeps cells m - (T - t) .. m + (T - t),
+  2 (T - t) + 1 of them, computed from the cone of row t - 1 alone; T^2 tokens in all, and row T,
+  one cell, is the answer (w + 1 + T^2 tokens);
+* ``rows``: the whole ring row by row, t = 1 .. T, w cells each, then ``>`` and the answer (the middle
+  cell of row T again, as its own token: the answer is always the last token; w + 1 + T w + 2 tokens).
+
+No separators between rows: every row's length is fixed by (w, T), so a position names its row and cell.
+Example, w = 5, T = 2, cells 0 1 1 0 1 (m = 2; row 1 is 1 1 1 1 1, row 2 is 0 0 0 0 0)::
+
+    none:   0 1 1 0 1 = 0
+    trace:  0 1 1 0 1 = 1 1 1 0
+    rows:   0 1 1 0 1 = 1 1 1 1 1 0 0 0 0 0 > 0
+
+Held-out cones: a cone pattern p (its 2T + 1 bits, cell m - T as bit 0) is held out iff the top two
+bits of Philox(key=seed, counter=(p_lo, p_hi, 0, SPLIT_STREAM)) word 0 are both set: a quarter of the
+patterns, the same on every rank. Sample g of stream s (0 trains, 1 evaluates) is the first of its
+candidate rings whose cone lies on the stream's side of the split; candidate c takes its cells, bit j
+of word j // 32 (cell i is bit i), from the words of Philox(key=seed, counter=(c W + j // 4, g_lo, g_hi, s)),
+W = ceil(w / 128) calls per candidate, CANDIDATES candidates at a time until one fits. So a sample is a
+pure function of (seed, stream, g), training never sees a held-out cone, and the answer of every
+evaluation sample is a function of a pattern no training sample had.
+"""
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from config import Config, DataConfig, need
+from datamodules.stream import SequenceBatch, Ticket, eval_stream, joined, train_stream
+from datamodules.task import SequenceLayout, Task, register_task
+from kernels.philox import MASK32, philox4x32, split_seed
+
+RULE = 110
+EQUALS, ANSWER = 2, 3  # tokens 0 and 1 are the cells
+VOCAB_SIZE = 4
+SYMBOLS = "01=>"
+SPLIT_STREAM = 0xFFFFFFFF  # counter word 3 of the split hash (sample streams are 0 and 1)
+CANDIDATES = 8  # rings drawn per round; a sample whose 8 all miss its side draws 8 more
+MAX_GENERATIONS = 31  # a cone pattern (2T + 1 bits) fits two 32-bit counter words
+MAX_CELLS = 4096
+CHAINS = ("none", "trace", "rows")
+
+
+@dataclass
+class Rule110Config(DataConfig):
+    format: ClassVar[str] = "sequence"
+    task: str = "rule110"
+    cells: int = 17  # w: cells of the ring
+    generations: int = 8  # T: steps of Rule 110 (summary.json's ``steps`` counts SGD steps)
+    chain: str = "none"  # none | trace | rows
+
+
+def step_ring(rows: torch.Tensor) -> torch.Tensor:
+    """One step of Rule 110 on rings (count, w) of bits, int64."""
+    neighbourhood = 4 * rows.roll(1, 1) + 2 * rows + rows.roll(-1, 1)
+    return (RULE >> neighbourhood) & 1
+
+
+def step_cone(rows: torch.Tensor) -> torch.Tensor:
+    """One step of Rule 110 on strips (count, n) without wrapping: the (count, n - 2) cells they determine."""
+    neighbourhood = 4 * rows[:, :-2] + 2 * rows[:, 1:-1] + rows[:, 2:]
+    return (RULE >> neighbourhood) & 1
+
+
+def cone(cells: torch.Tensor, generations: int) -> torch.Tensor:
+    """The light cone of the middle cell after ``generations``: cells m - T .. m + T of rings (count, w)."""
+    middle = cells.shape[1] // 2
+    return cells[:, middle - generations:middle + generations + 1]
+
+
+def pattern(cone_cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cone bits (count, 2T + 1) as two 32-bit words (lo, hi), bit i of the pattern = cell m - T + i."""
+    weights = 1 << torch.arange(cone_cells.shape[1], dtype=torch.int64, device=cone_cells.device)
+    value = (cone_cells * weights).sum(1)
+    return value & MASK32, value >> 32
+
+
+def held_out(seed: int, cone_cells: torch.Tensor) -> torch.Tensor:
+    """Whether each cone pattern (count, 2T + 1) is in the held-out quarter (bool, (count,))."""
+    key0, key1 = split_seed(seed)
+    lo, hi = pattern(cone_cells)
+    word = philox4x32(lo, hi, torch.zeros_like(lo), torch.full_like(lo, SPLIT_STREAM), key0, key1)[0]
+    return (word >> 30) == 3
+
+
+def rings(seed: int, start: int, count: int, stream: int, cells: int, generations: int, held: bool,
+          device: torch.device) -> torch.Tensor:
+    """First rows (count, w) of samples [start, start + count) of ``stream``, their cones on the ``held`` side."""
+    key0, key1 = split_seed(seed)
+    calls = -(-cells // 128)  # Philox calls per candidate ring
+    lo = (start & MASK32) + torch.arange(count, dtype=torch.int64, device=device)
+    g_lo, g_hi = lo & MASK32, ((start >> 32) + (lo >> 32)) & MASK32
+    shifts = torch.arange(32, dtype=torch.int64, device=device)
+    out = torch.empty(count, cells, dtype=torch.int64, device=device)
+    pending = torch.arange(count, device=device)
+    round_ = 0
+    while pending.numel():
+        counters = torch.arange(round_ * CANDIDATES * calls, (round_ + 1) * CANDIDATES * calls, device=device)
+        words = torch.stack(philox4x32(counters[None], g_lo[pending, None], g_hi[pending, None],
+                                       torch.full_like(counters[None], stream), key0, key1), dim=-1)
+        bits = (words[..., None] >> shifts) & 1  # (pending, candidates * calls, 4 words, 32 bits)
+        candidates = bits.view(pending.numel(), CANDIDATES, calls * 128)[..., :cells]
+        fits = held_out(seed, cone(candidates.reshape(-1, cells), generations)).view(-1, CANDIDATES) == held
+        found = fits.any(1)
+        first = fits.to(torch.int8).argmax(1)  # the first fitting candidate
+        chosen = candidates[torch.arange(pending.numel(), device=device), first]
+        out[pending[found]] = chosen[found]
+        pending = pending[~found]
+        round_ += 1
+    return out
+
+
+def sequences(cells: torch.Tensor, generations: int, chain: str) -> torch.Tensor:
+    """The token sequences (count, seq_len) of rings (count, w) in the format of the module docstring."""
+    def mark(token: int) -> torch.Tensor:
+        return torch.full((cells.shape[0], 1), token, dtype=torch.int64, device=cells.device)
+
+    parts = [cells, mark(EQUALS)]
+    if chain == "rows":
+        row = cells
+        for _ in range(generations):
+            row = step_ring(row)
+            parts.append(row)
+        parts += [mark(ANSWER), row[:, cells.shape[1] // 2, None]]
+        return torch.cat(parts, dim=1)
+    row = cone(cells, generations)
+    for _ in range(generations):
+        row = step_cone(row)
+        parts += [row] if chain == "trace" else []
+    parts += [] if chain == "trace" else [row]
+    return torch.cat(parts, dim=1)
+
+
+def render(tokens: torch.Tensor) -> str:
+    """A sequence (seq_len,) as text, e.g. ``01101=1110``."""
+    return "".join(SYMBOLS[t] for t in tokens.tolist())
+
+
+@register_task("rule110")
+class Rule110Task(Task):
+    size_key = "data.cells"
+    configs = {"sequence": Rule110Config}
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        layout = self.layout(cfg.data)
+        self.vocab_size, self.prompt_len = layout.vocab_size, layout.prompt_len
+        self.seq_len, self.answer_len = layout.seq_len, layout.answer_len
+        self._eval_set: torch.Tensor | None = None
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        d = cfg.data
+        need(1 <= d.generations <= MAX_GENERATIONS, "data.generations",
+             f"must be in [1, {MAX_GENERATIONS}], got {d.generations}")
+        need(2 * d.generations + 1 <= d.cells <= MAX_CELLS, "data.cells",
+             f"must be in [2 data.generations + 1 = {2 * d.generations + 1}, {MAX_CELLS}] "
+             f"(the light cone must not wrap), got {d.cells}")
+        need(d.chain in CHAINS, "data.chain", f"{d.chain!r} is not one of {', '.join(CHAINS)}")
+
+    @classmethod
+    def layout(cls, data: Rule110Config) -> SequenceLayout:
+        completion = {"none": 1, "trace": data.generations ** 2, "rows": data.generations * data.cells + 2}[data.chain]
+        return SequenceLayout(VOCAB_SIZE, data.cells + 1, data.cells + 1 + completion, 1)
+
+    def sample(self, start: int, count: int, stream: int, device: torch.device) -> torch.Tensor:
+        """Samples [start, start + count) of ``stream`` (train or eval side of the split), (count, seq_len)."""
+        d = self.cfg.data
+        first = rings(self.cfg.seed, start, count, stream, d.cells, d.generations, stream != train_stream(0), device)
+        return sequences(first, d.generations, d.chain)
+
+    def generate(self, ticket: Ticket, device: torch.device) -> SequenceBatch:
+        """The sequences of a ticket: rank r's slice of each global batch in the ticket's steps."""
+        tokens = joined([self.sample(start, count, train_stream(0), device)
+                         for start, count in self.ticket_ranges(ticket)])
+        local = self.cfg.data.batch_size // ticket.world_size
+        return SequenceBatch(tokens.view(ticket.steps, local, self.seq_len), ticket.step)
+
+    def eval_set(self, device: torch.device) -> torch.Tensor:
+        """The fixed held-out sequences, int64 (eval.size, seq_len): only held-out cone patterns."""
+        if self._eval_set is None or self._eval_set.device != device:
+            self._eval_set = self.sample(0, self.cfg.eval.size, eval_stream(0), device)
+        return self._eval_set

@@ -197,25 +197,31 @@ ENSEMBLE_CASES = {  # family -> a tiny config where weight decay, warmup, the co
     "mlp": ["experiment=multiply_cot", "model.width=16", "optim.name=sgd", "optim.momentum=0.9",
             "optim.weight_decay=0.01"],
 }
-SHORT = ["data.batch_size=16", "trainer.max_steps=36", "eval.every_n_steps=12", "eval.size=64",
-         "checkpoint.every_n_steps=36", "optim.warmup_steps=8", "optim.grad_clip=0.05", "trainer.steps_per_batch=6"]
+SHORT = ["data.batch_size=16", "trainer.max_steps=48", "eval.every_n_steps=12", "eval.size=32",
+         "checkpoint.every_n_steps=48", "optim.warmup_steps=8", "optim.grad_clip=0.05", "trainer.steps_per_batch=6"]
 
 
 def fitted(args: list[str]) -> NextTokenModule:
-    """A module trained in-process by Lightning for the config's steps."""
+    """A module trained in-process by Lightning for the config's steps, on trainer.cpu_threads threads as train.py
+    trains (two threads on a busy two-core machine are many times slower)."""
     cfg = compose([*args, *SHORT])
     torch.manual_seed(cfg.seed)
     dm, module = build(cfg)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=cfg.trainer.max_steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0)
-    trainer.fit(module, datamodule=dm)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.trainer.cpu_threads)
+    try:
+        trainer.fit(module, datamodule=dm)
+    finally:
+        torch.set_num_threads(threads)
     return module
 
 
 @pytest.mark.parametrize("family", sorted(ENSEMBLE_CASES))
 def test_member_in_an_ensemble_equals_member_alone_bitwise(family):
-    """Member m of a 2-member ensemble, after 36 steps with a per-member clip that bites, weight decay and a
+    """Member m of a 2-member ensemble, after 48 steps with a per-member clip that bites, weight decay and a
     warmup/cosine schedule, has exactly the weights and evaluation of the run of member m alone."""
     args = ENSEMBLE_CASES[family]
     group = fitted([*args, "model.ensemble=2"])

@@ -149,8 +149,8 @@ class NextTokenModule(ModelFamily, L.LightningModule):
 
     def losses(self, tokens: torch.Tensor) -> torch.Tensor:
         """Completion loss (E,) of every member on its own rows of tokens (E, B, T)."""
-        return torch.stack([completion_loss(net(rows), rows, self.prompt_len)
-                            for net, rows in zip(self.backbones, tokens)])
+        return torch.stack([completion_loss(logits, rows, self.prompt_len)
+                            for logits, rows in zip(self(tokens), tokens)])
 
     @staticmethod
     def decay_groups(net: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -8,9 +8,10 @@ axis: e.g. a step budget and an evaluation interval per k). Every cell of the gr
 (its ensemble members are the seeds) in DIR/runs/<cell>;
 finished cells (a readable summary.json written under the same config) are reused, so a sweep can be
 resumed or collected after a SLURM array job; a cell whose summary.json is unreadable is said so in one
-line and trained again. Writes DIR/results.csv (one row per member), DIR/results.json (per cell:
-success probability and median solved_step; per k: the log-log exponent of the median against n with a
-bootstrap 95% interval, alpha = exponent / k) and DIR/scaling.png.
+line and trained again. Writes DIR/results.csv (one row per member; next-token members add their token and
+chain accuracy), DIR/results.json (per cell: success probability with its exact Clopper-Pearson 95% interval
+and median solved_step; per k: the log-log exponent of the median against n with a bootstrap 95% interval,
+alpha = exponent / k) and DIR/scaling.png, and prints a table of the cells.
 
 A cell finishes only if its train.py exits 0 and leaves a readable summary.json; any other exit (a
 status, or a signal that killed it) is reported with its train.log, and the other cells' results are
@@ -290,6 +291,31 @@ eval "$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(str((out / 'cells.tx
 
 
 # --- results -----------------------------------------------------------------------------------
+def binomial_cdf(successes: int, trials: int, p: float) -> float:
+    """P(X <= successes) for X ~ Binomial(trials, p), 0 < p < 1, summed in log space (no overflow)."""
+    log_p, log_q = math.log(p), math.log1p(-p)
+    return min(1.0, sum(math.exp(math.lgamma(trials + 1) - math.lgamma(i + 1) - math.lgamma(trials - i + 1)
+                                 + i * log_p + (trials - i) * log_q) for i in range(successes + 1)))
+
+
+def bisect_decreasing(f, target: float, iterations: int = 60) -> float:
+    """The p in (0, 1) where a decreasing function f crosses ``target``, by bisection (to 2**-60)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) > target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper-Pearson 1934) interval of a binomial success probability: the p whose tail
+    probabilities of the observed count are (1 - confidence) / 2, P(X >= x | lower) and P(X <= x | upper)."""
+    tail = (1 - confidence) / 2
+    lower = 0.0 if successes == 0 else bisect_decreasing(lambda p: binomial_cdf(successes - 1, trials, p), 1 - tail)
+    upper = 1.0 if successes == trials else bisect_decreasing(lambda p: binomial_cdf(successes, trials, p), tail)
+    return lower, upper
+
+
 def member_steps(summary: dict) -> tuple[np.ndarray, list[float]]:
     """(solved steps with +inf for censored members, final scores) of a finished cell's summary."""
     solved, accuracy = summary["solved_step"], summary[final_key(summary)]
@@ -325,19 +351,41 @@ def summarize(finished: list[Outcome]) -> tuple[list[dict], list[dict]]:
     for cell, summary in ((o.cell, o.summary) for o in finished):
         steps, accuracy = member_steps(summary)
         members, budget = summary["members"], cell.cfg.trainer.max_steps
-        for member, step, acc in zip(members, steps, accuracy):
+        extra = next_token_accuracies(summary)
+        for i, (member, step, acc) in enumerate(zip(members, steps, accuracy)):
             rows.append({**cell.values, "seed": cell.cfg.seed, "member": member,
                          "solved_step": int(step) if np.isfinite(step) else "",
-                         "censored": int(not np.isfinite(step)), "budget": budget, "final_score": acc})
-        median = float(np.median(steps))
+                         "censored": int(not np.isfinite(step)), "budget": budget, "final_score": acc,
+                         **{key: values[i] for key, values in extra.items()}})
+        median, solved = float(np.median(steps)), int(np.isfinite(steps).sum())
         table.append({"cell": cell.name, "values": cell.values, **task_class(cell.cfg.data.task)(cell.cfg).keys(),
-                      "members": len(members), "solved": int(np.isfinite(steps).sum()),
-                      "success_probability": float(np.isfinite(steps).mean()),
+                      "members": len(members), "solved": solved,
+                      "success_probability": solved / len(members),
+                      "success_ci95": list(clopper_pearson(solved, len(members))),
                       "median_solved_step": median if math.isfinite(median) else None,
                       "median_censored": not math.isfinite(median), "budget": budget,
                       "steps_run": summary.get("steps"), "train_wall_s": summary.get("train_wall_s"),
                       "run_dir": str(cell.run_dir), "_steps": steps})
     return rows, table
+
+
+def next_token_accuracies(summary: dict) -> dict[str, list[float]]:
+    """A next-token cell's per-member token and chain accuracy (its final_accuracy is the greedy one); {} for
+    other models."""
+    keys = [key for key in ("token_accuracy", "chain_accuracy") if key in summary]
+    return {key: summary[key] if isinstance(summary[key], list) else [summary[key]] for key in keys}
+
+
+def cell_table(table: list[dict]) -> str:
+    """The cells as a text table: success probability with its 95% interval, and median solved_step."""
+    width = max(len("cell"), *(len(c["cell"]) for c in table))
+    lines = [f"{'cell':<{width}}  solved  success  95% CI (Clopper-Pearson)  median solved_step"]
+    for c in table:
+        lo, hi = c["success_ci95"]
+        median = f"> {c['budget']} (censored)" if c["median_censored"] else f"{c['median_solved_step']:g}"
+        lines.append(f"{c['cell']:<{width}}  {c['solved']:>3}/{c['members']:<3} {c['success_probability']:7.3f}"
+                     f"  [{lo:.3f}, {hi:.3f}]{'':<14}  {median}")
+    return "\n".join(lines)
 
 
 def fits(table: list[dict], grid: dict[str, list[str]]) -> list[dict]:
@@ -422,7 +470,7 @@ def plot(table: list[dict], fitted: list[dict], grid: dict[str, list[str]], path
 def write_results(finished: list[Outcome], grid: dict[str, list[str]], out: Path, extra: dict) -> dict:
     rows, table = summarize(finished)
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)), restval="")
         writer.writeheader()
         writer.writerows(rows)
     fitted = fits(table, grid)
@@ -472,6 +520,7 @@ def main(argv: list[str]) -> int:
                  "overrides": args.overrides, "failed": failed, "not_run": not_run, "jobs": args.jobs or 1,
                  "wall_s": wall}  # of this invocation: reused cells cost nothing here
         results = write_results(finished, grid, args.out, extra)
+        print(cell_table(results["cells"]))
         for fit in results["fits"]:
             if fit["exponent"] is not None:
                 lo, hi = fit["exponent_ci95"]

@@ -29,7 +29,7 @@ Example, d = 2, a = 12, b = 34 (p_0 = 48, p_1 = 360, s_1 = 408)::
 
 Held-out pairs: (a, b) is held out iff the top two bits of Philox(key=seed, counter=(a, b, 0,
 SPLIT_STREAM)) word 0 are both set, a quarter of the operand space (the paper's 75/25 split), the same
-on every rank. Sample g of stream s (0 trains, 1 evaluates) is the first of its candidate pairs that
+on every rank. Sample g of stream s (even: training, odd: held out) is the first of its candidate pairs that
 lies on the stream's side of the split; candidate c takes a and b from words 2 (c % 2) and
 2 (c % 2) + 1 of Philox(key=seed, counter=(c // 2, g_lo, g_hi, s)) as ``10^(d-1) + word % (9 * 10^(d-1))``,
 CANDIDATES at a time until one fits. So a sample is a pure function of (seed, stream, g), training
@@ -41,7 +41,7 @@ from typing import ClassVar
 import torch
 
 from config import Config, DataConfig, need
-from datamodules.stream import SequenceBatch, Ticket, eval_stream, joined, train_stream
+from datamodules.stream import SequenceBatch, Ticket, eval_stream, is_eval_stream, joined, member_ids, train_stream
 from datamodules.task import SequenceLayout, Task, register_task
 from kernels.philox import MASK32, philox4x32, split_seed
 
@@ -187,6 +187,7 @@ class MultiplyTask(Task):
         layout = self.layout(cfg.data)
         self.vocab_size, self.prompt_len = layout.vocab_size, layout.prompt_len
         self.seq_len, self.answer_len = layout.seq_len, layout.answer_len
+        self.members = member_ids(cfg)
         self._eval_set: torch.Tensor | None = None
 
     @classmethod
@@ -204,18 +205,19 @@ class MultiplyTask(Task):
     def sample(self, start: int, count: int, stream: int, device: torch.device) -> torch.Tensor:
         """Samples [start, start + count) of ``stream`` (train or eval side of the split), (count, seq_len)."""
         d = self.cfg.data
-        a, b = operands(self.cfg.seed, start, count, stream, d.digits, stream != train_stream(0), device)
+        a, b = operands(self.cfg.seed, start, count, stream, d.digits, is_eval_stream(stream), device)
         return sequences(a, b, d.digits, d.chain)
 
     def generate(self, ticket: Ticket, device: torch.device) -> SequenceBatch:
         """The sequences of a ticket: rank r's slice of each global batch in the ticket's steps."""
-        tokens = joined([self.sample(start, count, train_stream(0), device)
-                         for start, count in self.ticket_ranges(ticket)])
+        tokens = torch.stack([joined([self.sample(start, count, train_stream(m), device)
+                                      for start, count in self.ticket_ranges(ticket)]) for m in self.members])
         local = self.cfg.data.batch_size // ticket.world_size
-        return SequenceBatch(tokens.view(ticket.steps, local, self.seq_len), ticket.step)
+        return SequenceBatch(tokens.view(len(self.members), ticket.steps, local, self.seq_len), ticket.step)
 
     def eval_set(self, device: torch.device) -> torch.Tensor:
-        """The fixed held-out sequences, int64 (eval.size, seq_len): only held-out operand pairs."""
+        """The fixed held-out sequences, int64 (members, eval.size, seq_len): only held-out operand pairs."""
         if self._eval_set is None or self._eval_set.device != device:
-            self._eval_set = self.sample(0, self.cfg.eval.size, eval_stream(0), device)
+            self._eval_set = torch.stack([self.sample(0, self.cfg.eval.size, eval_stream(m), device)
+                                          for m in self.members])
         return self._eval_set

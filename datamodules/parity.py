@@ -102,9 +102,9 @@ class ParityTask(Task):
         local = self.cfg.data.batch_size // ticket.world_size
         ranges = self.ticket_ranges(ticket)
         if self.format == "sequence":
-            tokens = joined([self.sequences(start, count, train_stream(0), self.cfg.data.noise, device)
-                             for start, count in ranges])
-            return SequenceBatch(tokens.view(ticket.steps, local, self.seq_len), ticket.step)
+            tokens = torch.stack([joined([self.sequences(start, count, train_stream(m), self.cfg.data.noise, device)
+                                          for start, count in ranges]) for m in self.members])
+            return SequenceBatch(tokens.view(len(self.members), ticket.steps, local, self.seq_len), ticket.step)
         d = self.cfg.data
         streams = [train_stream(m) for m in self.members]
         secret, stream_ids = self.device_args(streams, device)
@@ -135,11 +135,12 @@ class ParityTask(Task):
 
     def eval_set(self, device: torch.device):
         """The fixed held-out samples (noiseless: solved means exactly the parity). Classifiers: x (members,
-        size, n) and y (members, size), +/-1; sequence models: int64 tokens (eval.size, seq_len)."""
+        size, n) and y (members, size), +/-1; sequence models: int64 tokens (members, eval.size, seq_len)."""
         cached = self._eval_set
         if cached is None or (cached[0] if isinstance(cached, tuple) else cached).device != device:
             if self.format == "sequence":
-                self._eval_set = self.sequences(0, self.cfg.eval.size, eval_stream(0), 0.0, device)
+                self._eval_set = torch.stack([self.sequences(0, self.cfg.eval.size, eval_stream(m), 0.0, device)
+                                              for m in self.members])
             else:
                 x, y, _ = sparse_parity(self.cfg.seed, 0, self.cfg.eval.size, self.cfg.data.n, self.secret,
                                         stream=[eval_stream(m) for m in self.members],

@@ -24,6 +24,17 @@ def eval_stream(member: int) -> int:
     return 2 * member + 1
 
 
+def is_eval_stream(stream: int) -> bool:
+    """Whether ``stream`` is a member's evaluation stream (odd), not its training stream (even)."""
+    return stream % 2 == 1
+
+
+def member_ids(cfg: Config) -> list[int]:
+    """The ensemble members a run trains: [model.member_offset, model.member_offset + model.ensemble)."""
+    first = cfg.model.member_offset
+    return list(range(first, first + cfg.model.ensemble))
+
+
 class Ticket(NamedTuple):
     """SGD steps [step, step + steps) of rank ``rank`` out of ``world_size``."""
     step: int
@@ -40,8 +51,8 @@ class ClassifierBatch(NamedTuple):
 
 
 class SequenceBatch(NamedTuple):
-    """A sequence task's batch: int64 tokens (steps, local batch, seq_len); the loss covers the completion."""
-    tokens: torch.Tensor
+    """A sequence task's batch, one row of streams per ensemble member; the loss covers the completion."""
+    tokens: torch.Tensor  # int64 (members, steps, local batch, seq_len)
     step: int
 
 

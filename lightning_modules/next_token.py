@@ -5,7 +5,14 @@ tokens[:, prompt_len:]. Every ``eval.every_n_steps`` the held-out set is scored 
 ``token_accuracy`` (teacher-forced next-token accuracy on the completion), ``greedy_accuracy`` (the
 answer produced by greedy generation of the whole completion from the prompt alone) and
 ``chain_accuracy`` (the whole generated completion exact). Solved = greedy accuracy 1.0.
+
+An ensemble (``model.ensemble`` = E) is E copies of the family's network, each with its own init and its
+own training and held-out streams (datamodules/stream.py), trained in one process: the loss is the sum of
+the members' losses, the gradient is clipped per member, and the optimizer's update is elementwise, so
+member m's trajectory is, bit for bit, that of the run ``model.member_offset=m model.ensemble=1``.
+Training stops once every member is solved.
 """
+import hashlib
 import time
 
 import lightning as L
@@ -15,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import EVAL_CHUNK, FLOAT, INDEX, Config, Term, batch_sizes, need
+from datamodules.stream import member_ids
 from lightning_modules.family import ModelFamily, model_family, register_model
 from networks.autoregressive import LinearConfig, NextTokenMLPConfig, linear_next_token, mlp_next_token
 from networks.transformer import CoTTransformer, TransformerConfig
@@ -23,12 +31,23 @@ from runtime import stopping
 from runtime.callbacks import log_evaluation, log_training
 
 POSITIONALS = ("learned", "rope", "none")
+STREAM_IDS = 2**32  # a stream id is a 32-bit counter word; member m uses streams 2m and 2m + 1
 
 
-def make_backbone(cfg: Config, vocab_size: int, seq_len: int) -> nn.Module:
-    """The network of ``cfg``'s next-token family, its init drawn from the seed alone (not the global RNG's state)."""
+def member_seed(seed: int, member: int) -> int:
+    """The init seed of ensemble member ``member``: the run's seed for member 0 (so a single model keeps its
+    init), a hash of (seed, member) for the others."""
+    if member == 0:
+        return seed
+    digest = hashlib.sha256(f"paritylab-next-token-init:{seed}:{member}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def make_backbone(cfg: Config, vocab_size: int, seq_len: int, member: int | None = None) -> nn.Module:
+    """The network of ``cfg``'s next-token family for ``member`` (default: the run's first), its init drawn from
+    (seed, member) alone (not the global RNG's state)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(member_seed(cfg.seed, cfg.model.member_offset if member is None else member))
         return model_family(cfg.model).network(cfg, vocab_size, seq_len)
 
 
@@ -71,21 +90,30 @@ class NextTokenModule(ModelFamily, L.LightningModule):
 
     @classmethod
     def build(cls, cfg: Config, task) -> "NextTokenModule":
-        return cls(cfg, make_backbone(cfg, task.vocab_size, task.seq_len), task.prompt_len, task.seq_len,
-                   task.answer_len)
+        backbones = [make_backbone(cfg, task.vocab_size, task.seq_len, m) for m in member_ids(cfg)]
+        return cls(cfg, backbones, task.prompt_len, task.seq_len, task.answer_len)
 
     @classmethod
     def validate(cls, cfg: Config, given: set[str]) -> None:
         m = cfg.model
-        need(m.ensemble == 1, "model.ensemble", f"next-token models train one member, got {m.ensemble}")
-        need(m.member_offset == 0, "model.member_offset", f"next-token models train member 0, got {m.member_offset}")
+        need(m.ensemble >= 1, "model.ensemble", f"must be >= 1, got {m.ensemble}")
+        need(m.member_offset >= 0, "model.member_offset", f"must be >= 0, got {m.member_offset}")
+        need(m.member_offset + m.ensemble <= STREAM_IDS // 2, "model.member_offset",
+             f"members [{m.member_offset}, {m.member_offset + m.ensemble}) need stream ids up to "
+             f"{2 * (m.member_offset + m.ensemble) - 1}, past 2**32 - 1: model.member_offset + model.ensemble "
+             f"must be <= 2**31")
+
+    @staticmethod
+    def members_size(cfg: Config) -> tuple[str, int, str]:
+        """The ensemble's size as a footprint factor."""
+        return "model.ensemble", cfg.model.ensemble, "model.ensemble"
 
     @classmethod
     def footprint(cls, cfg: Config, task) -> list[Term]:
-        layout, e = task.layout(cfg.data), cfg.eval
+        layout, e, E = task.layout(cfg.data), cfg.eval, cls.members_size(cfg)
         T = ("seq_len", layout.seq_len, task.size_key)
-        return [Term("held-out set", [("eval.size", e.size, "eval.size"), T], INDEX),
-                Term("training batch", [*batch_sizes(cfg), T], INDEX)]
+        return [Term("held-out set", [E, ("eval.size", e.size, "eval.size"), T], INDEX),
+                Term("training batch", [E, *batch_sizes(cfg), T], INDEX)]
 
     @staticmethod
     def eval_chunk(cfg: Config) -> tuple[str, int, str]:
@@ -95,38 +123,65 @@ class NextTokenModule(ModelFamily, L.LightningModule):
         return {"model": self.key, "kind": self.cfg.model.kind, "train_path": "autograd"}  # its one path
 
     def hparam_fields(self) -> dict:
-        return {"model": self.key, "kind": self.cfg.model.kind, "parameters": sum(p.numel() for p in self.parameters())}
+        return {"model": self.key, "kind": self.cfg.model.kind, "parameters": self.member_parameters,
+                "ensemble": self.cfg.model.ensemble}
 
-    def __init__(self, cfg: Config, backbone: nn.Module, prompt_len: int, seq_len: int, answer_len: int):
+    def __init__(self, cfg: Config, backbones: list[nn.Module], prompt_len: int, seq_len: int, answer_len: int):
         super().__init__()
         self.automatic_optimization = False
-        self.cfg, self.backbone = cfg, backbone
+        self.cfg, self.backbones = cfg, nn.ModuleList(backbones)
+        self.members = member_ids(cfg)
+        if len(backbones) != len(self.members):
+            raise ValueError(f"{len(backbones)} networks for the {len(self.members)} members {self.members}")
         self.prompt_len, self.seq_len, self.answer_len = prompt_len, seq_len, answer_len
-        self.register_buffer("solved_step", torch.tensor(-1))
-        self.register_buffer("accuracy", torch.zeros(3))  # token, greedy, chain
+        self.register_buffer("solved_step", torch.full((len(backbones),), -1, dtype=torch.long))
+        self.register_buffer("accuracy", torch.zeros(len(backbones), 3))  # per member: token, greedy, chain
         self.train_s, self.train_tokens = 0.0, 0
 
+    @property
+    def member_parameters(self) -> int:
+        """Parameters of one member's network (every member's is the same)."""
+        return sum(p.numel() for p in self.backbones[0].parameters())
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.backbone(tokens)
+        """Logits (E, B, T, vocab): member e's network on its own rows tokens[e] of tokens (E, B, T)."""
+        return torch.stack([net(rows) for net, rows in zip(self.backbones, tokens)])
+
+    def losses(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Completion loss (E,) of every member on its own rows of tokens (E, B, T)."""
+        return torch.stack([completion_loss(logits, rows, self.prompt_len)
+                            for logits, rows in zip(self(tokens), tokens)])
+
+    @staticmethod
+    def decay_groups(net: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """A network's parameters with weight decay (matrices and embeddings) and without (biases, norms)."""
+        params = list(net.parameters())
+        return [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        decay = [p for p in self.parameters() if p.dim() >= 2]  # matrices and embeddings; no biases, norms
-        rest = [p for p in self.parameters() if p.dim() < 2]
+        decay, rest = (sum(group, []) for group in zip(*map(self.decay_groups, self.backbones)))
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
         return lightning_optimizers(optimizer(groups, o), o, self.cfg.trainer.max_steps, always=True)
 
+    def clip_per_member(self) -> None:
+        """Clip each member's gradient norm to optim.grad_clip, over its parameters in the optimizer's order (as
+        a lone member's run clips its own)."""
+        for net in self.backbones:
+            decay, rest = self.decay_groups(net)
+            torch.nn.utils.clip_grad_norm_(decay + rest, self.cfg.optim.grad_clip)
+
     def training_step(self, batch, batch_idx: int) -> None:
-        """Run the batch's optimizer steps: batch.tokens is (steps, local batch, seq_len)."""
+        """Run the batch's optimizer steps: batch.tokens is (members, steps, local batch, seq_len)."""
         opt, schedule = self.optimizers(), self.lr_schedulers()
         start = time.perf_counter()
         losses = []
-        for tokens in batch.tokens:
-            loss = completion_loss(self.backbone(tokens), tokens, self.prompt_len)
+        for j in range(batch.tokens.shape[1]):
+            loss = self.losses(batch.tokens[:, j])
             opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
+            self.manual_backward(loss.sum())  # member m's gradient is that of its own loss
             if self.cfg.optim.grad_clip > 0:
-                self.clip_gradients(opt, gradient_clip_val=self.cfg.optim.grad_clip, gradient_clip_algorithm="norm")
+                self.clip_per_member()
             opt.step()
             schedule.step()
             losses.append(loss.detach())
@@ -136,20 +191,20 @@ class NextTokenModule(ModelFamily, L.LightningModule):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.train_s += time.perf_counter() - start
-        self.train_tokens += batch.tokens[:len(losses)].numel() * self.trainer.world_size
+        self.train_tokens += batch.tokens[:, :len(losses)].numel() * self.trainer.world_size
         step = self.trainer.global_step
         log_training(self, {"train/loss": loss, "train/lr": schedule.get_last_lr()[0]}, step)  # x-axis: SGD steps
         if step % self.cfg.eval.every_n_steps == 0 or step >= self.cfg.trainer.max_steps:
             self.evaluate(step)
 
     @torch.no_grad()
-    def scores(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(token, greedy, chain) accuracy on held-out sequences (N, seq_len)."""
+    def scores(self, backbone: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """(token, greedy, chain) accuracy of one member's network on held-out sequences (N, seq_len)."""
         P, length = self.prompt_len, self.seq_len - self.prompt_len
         hits = torch.zeros(3, device=tokens.device, dtype=torch.float64)
         for chunk in tokens.split(EVAL_CHUNK):
             target = chunk[:, P:]
-            logits, generated = teacher_forced_and_greedy(self.backbone, chunk, P)
+            logits, generated = teacher_forced_and_greedy(backbone, chunk, P)
             hits[0] += (logits[:, P - 1:-1].argmax(-1) == target).sum()
             hits[1] += (generated[:, -self.answer_len:] == target[:, -self.answer_len:]).all(1).sum()
             hits[2] += (generated == target).all(1).sum()
@@ -157,37 +212,44 @@ class NextTokenModule(ModelFamily, L.LightningModule):
                                     device=tokens.device)).float()
 
     def measure(self, dm) -> torch.Tensor:
-        """(token, greedy, chain) accuracy on ``dm.eval_set``, on this module's device."""
-        return self.scores(dm.eval_set(self.device))
+        """(token, greedy, chain) accuracy (E, 3) of every member on its held-out stream, ``dm.eval_set`` on this
+        module's device."""
+        held_out = dm.eval_set(self.device)
+        return torch.stack([self.scores(net, tokens) for net, tokens in zip(self.backbones, held_out)])
 
-    @staticmethod
-    def metrics(accuracy: torch.Tensor) -> dict:
-        """The evaluation's summary.json fields; the final accuracy is the greedy one."""
-        token, greedy, chain = accuracy.tolist()
+    def metrics(self, accuracy: torch.Tensor) -> dict:
+        """The evaluation's summary.json fields, per member for an ensemble, plain values for a single model; the
+        final accuracy is the greedy one."""
+        token, greedy, chain = (values if len(self.members) > 1 else values[0] for values in accuracy.T.tolist())
         return {"final_accuracy": greedy, "greedy_accuracy": greedy, "token_accuracy": token, "chain_accuracy": chain}
 
     def evaluate(self, step: int) -> None:
-        """Score the held-out set; record the first step of 100% greedy accuracy and stop there."""
+        """Score every member on its held-out stream; record each one's first step of 100% greedy accuracy, and
+        stop once every member has one."""
         self.accuracy = self.measure(self.trainer.datamodule)
-        token, greedy, chain = self.accuracy.tolist()
-        if greedy == 1.0 and self.solved_step < 0:
-            self.solved_step.fill_(step)
-        log_evaluation(self, {"eval/token_accuracy": token, "eval/greedy_accuracy": greedy,
-                              "eval/chain_accuracy": chain, "perf/tokens_per_s": self.tokens_per_s}, step)
-        if self.solved_step >= 0:
+        newly = (self.accuracy[:, 1] == 1.0) & (self.solved_step < 0)
+        self.solved_step[newly] = step
+        solved = int((self.solved_step >= 0).sum())
+        token, greedy, chain = self.accuracy.T
+        log_evaluation(self, {"eval/token_accuracy": token.mean(), "eval/greedy_accuracy": greedy.mean(),
+                              "eval/chain_accuracy": chain.mean(), "eval/greedy_accuracy_min": greedy.min(),
+                              "eval/members_solved": solved, "perf/tokens_per_s": self.tokens_per_s}, step)
+        if solved == len(self.members):
             self.trainer.should_stop = True
 
     @property
     def tokens_per_s(self) -> float:
-        """Training tokens (all ranks, prompt included) per second of optimizer steps, evaluation excluded."""
+        """Training tokens (all ranks and members, prompt included) per second of optimizer steps, evaluation
+        excluded."""
         return self.train_tokens / self.train_s if self.train_s else 0.0
 
     def results(self) -> dict:
-        """summary.json fields."""
-        solved = int(self.solved_step)
-        params = sum(p.numel() for p in self.backbone.parameters())
-        out = {"solved_step": solved if solved >= 0 else None, **self.metrics(self.accuracy), "parameters": params,
-               "tokens_per_s": round(self.tokens_per_s, 1)}
+        """summary.json fields: per member for an ensemble, plain values for a single model; ``parameters`` is
+        one member's count."""
+        solved = [s if s >= 0 else None for s in self.solved_step.tolist()]
+        params = self.member_parameters
+        out = {"solved_step": solved if len(self.members) > 1 else solved[0], **self.metrics(self.accuracy),
+               "parameters": params, "tokens_per_s": round(self.tokens_per_s, 1)}
         # Lightning's table of dense peak FLOP/s (TF32 where float32 matmuls may use it); none for CPUs
         peak = get_available_flops(self.device, torch.float32) if self.device.type == "cuda" else None
         if peak:
@@ -219,10 +281,10 @@ class TransformerLM(NextTokenModule):
     def footprint(cls, cfg: Config, task) -> list[Term]:
         m, T = cfg.model, ("seq_len", task.layout(cfg.data).seq_len, task.size_key)
         depth, D = ("model.depth", m.depth, "model.depth"), ("model.d_model", m.d_model, "model.d_model")
-        local = batch_sizes(cfg)[1]
+        local, E = batch_sizes(cfg)[1], cls.members_size(cfg)
         return super().footprint(cfg, task) + [
-            Term("weights, gradients and Adam state", [("4 x 12", 48, None), depth, D, D], FLOAT),
-            Term("activations kept for the backward pass", [("16", 16, None), local, T, depth, D], FLOAT),
+            Term("weights, gradients and Adam state", [("4 x 12", 48, None), E, depth, D, D], FLOAT),
+            Term("activations kept for the backward pass", [("16", 16, None), E, local, T, depth, D], FLOAT),
             Term("evaluation pass: KV cache and activations",
                  [("2 x model.depth + 12", 2 * m.depth + 12, "model.depth"), cls.eval_chunk(cfg), T, D], FLOAT)]
 
@@ -236,13 +298,14 @@ class CausalLinearLM(NextTokenModule):
         T, vocab = ("seq_len", layout.seq_len, task.size_key), ("vocab", layout.vocab_size, None)
         out = (("model.width", cfg.model.width, "model.width") if hasattr(cfg.model, "width")
                else ("vocab", layout.vocab_size, None))
+        E = cls.members_size(cfg)
         terms = super().footprint(cfg, task) + [
-            Term("CausalLinear blocks, gradient and Adam state", [("2", 2, None), T, T, vocab, out], FLOAT),
-            Term("assembled CausalLinear matrix, its gradient and the generation cache's copy",
-                 [("3", 3, None), T, T, vocab, out], FLOAT),
+            Term("CausalLinear blocks, gradient and Adam state", [("2", 2, None), E, T, T, vocab, out], FLOAT),
+            Term("assembled CausalLinear matrices, their gradients and the generation cache's copy",
+                 [("3", 3, None), E, T, T, vocab, out], FLOAT),
             Term("evaluation pass: prefix sums and activations", [("5", 5, None), cls.eval_chunk(cfg), T, out], FLOAT)]
         if hasattr(cfg.model, "depth"):
-            terms.append(Term("hidden activations", [("2", 2, None), batch_sizes(cfg)[1], T, out,
+            terms.append(Term("hidden activations", [("2", 2, None), E, batch_sizes(cfg)[1], T, out,
                                                      ("model.depth", cfg.model.depth, "model.depth")], FLOAT))
         return terms
 

@@ -33,7 +33,7 @@ BAD = [  # (arguments, the key the error must name)
     (f"{COT} model.depth=0", "model.depth"), (f"{COT} model.kind=mlp model.depth=0", "model.depth"),
     (f"{COT} model.kind=mlp model.width=0", "model.width"),
     (f"{COT} model.positional=rope model.d_model=12 model.heads=4", "model.positional"),
-    (f"{COT} model.ensemble=2", "model.ensemble"),
+    (f"{COT} model.ensemble=0", "model.ensemble"), (f"{COT} model.member_offset=-1", "model.member_offset"),
 ]
 
 

@@ -79,15 +79,15 @@ def test_noise_flips_only_the_answer():
 def test_rank_slices_make_the_global_batch_and_eval_is_held_out():
     dm = ParityTask(cot_config())
     cpu = torch.device("cpu")
-    whole = dm.generate(Ticket(7, 3, 0, 1), cpu).tokens
-    parts = [dm.generate(Ticket(7, 3, r, 2), cpu).tokens for r in range(2)]
+    whole = dm.generate(Ticket(7, 3, 0, 1), cpu).tokens[0]  # member 0's row
+    parts = [dm.generate(Ticket(7, 3, r, 2), cpu).tokens[0] for r in range(2)]
     assert torch.equal(torch.cat(parts, dim=1), whole)
-    assert not torch.equal(dm.eval_set(cpu)[:8], dm.generate(Ticket(0, 1, 0, 1), cpu).tokens[0])
+    assert not torch.equal(dm.eval_set(cpu)[0, :8], dm.generate(Ticket(0, 1, 0, 1), cpu).tokens[0, 0])
 
 
 def test_loss_covers_exactly_the_completion():
     dm = ParityTask(cot_config("data.chain=tree", "data.k=5"))
-    tokens = dm.eval_set(torch.device("cpu"))[:4]
+    tokens = dm.eval_set(torch.device("cpu"))[0, :4]
     logits = torch.randn(4, dm.seq_len, dm.vocab_size, requires_grad=True)
     completion_loss(logits, tokens, dm.prompt_len).backward()
     touched = (logits.grad.abs().sum((0, 2)) > 0).nonzero().flatten().tolist()
@@ -117,7 +117,7 @@ def test_bad_model_shapes_name_the_key():
     with pytest.raises(ConfigError, match="^model.heads:"):
         CoTTransformer(cot_config("model.heads=3").model, 3, 20)
     with pytest.raises(ConfigError, match="^model.ensemble:"):
-        ParityTask(cot_config("model.ensemble=2"))
+        ParityTask(cot_config("model.ensemble=0"))
 
 
 def test_warmup_then_cosine_to_ten_percent():
@@ -132,7 +132,7 @@ def _one_step(backend: str) -> tuple[NextTokenModule, dict]:
     cfg = cot_config(f"kernels.backend={backend}", "data.k=3", "trainer.max_steps=1", "eval.every_n_steps=1",
                      "optim.warmup_steps=0", "seed=1")
     dm = ParityTask(cfg)
-    module = NextTokenModule(cfg, make_backbone(cfg, dm.vocab_size, dm.seq_len), dm.prompt_len, dm.seq_len,
+    module = NextTokenModule(cfg, [make_backbone(cfg, dm.vocab_size, dm.seq_len)], dm.prompt_len, dm.seq_len,
                              dm.answer_len)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
@@ -162,7 +162,7 @@ def test_triton_backend_matches_torch(monkeypatch):
     assert calls == {"data": 0, "attn_fwd": 0, "attn_bwd": 0}
     triton_run, triton_results = _one_step("triton")
     assert calls["data"] >= 2 and calls["attn_fwd"] >= 2 and calls["attn_bwd"] >= 1, calls  # train + eval
-    for (name, a), b in zip(reference.backbone.named_parameters(), triton_run.backbone.parameters()):
+    for (name, a), b in zip(reference.backbones[0].named_parameters(), triton_run.backbones[0].parameters()):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)
     assert triton_results["token_accuracy"] == ref_results["token_accuracy"]
 

@@ -16,7 +16,7 @@ import torch
 
 from config import ConfigError, compose
 from datamodules.parity import ParityTask
-from datamodules.stream import ClassifierBatch, Ticket, pm1
+from datamodules.stream import Ticket, pm1
 from runtime.launch import cluster_plugins, shared_run_dir
 from lightning_modules.parity_mlp import ParityMLP
 from conftest import ROOT, clean_env, finish, start, train
@@ -69,7 +69,7 @@ def test_rank_slices_partition_the_global_batch(experiment, world_size):
                                                                    *extra]))
     cpu = torch.device("cpu")
     whole = dm.generate(Ticket(step=5, steps=3, rank=0, world_size=1), cpu)
-    axis = 2 if isinstance(whole, ClassifierBatch) else 1  # the local-batch axis
+    axis = 2  # the local-batch axis: both formats are (members, steps, local batch, ...)
     parts = [dm.generate(Ticket(step=5 + t, steps=1, rank=r, world_size=world_size), cpu)
              for t in range(3) for r in range(world_size)]
     for field, expected in zip(whole._fields, whole):

@@ -4,15 +4,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
-from config import ConfigError, compose
+from config import ConfigError, compose, footprint
+from datamodules import task_class
 from datamodules.parity import ParityTask
 from datamodules.multiply import MultiplyTask, held_out, operands, render, sequences
-from datamodules.stream import Ticket
+from datamodules.stream import Ticket, train_stream
 from networks.autoregressive import AutoregressiveNet
-from lightning_modules.next_token import completion_loss, make_backbone, teacher_forced_and_greedy
+from lightning_modules.next_token import NextTokenModule, completion_loss, make_backbone, teacher_forced_and_greedy
+from runtime.experiment import build
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -110,7 +113,7 @@ def test_split_is_a_quarter_and_streams_stay_on_their_side():
     assert not torch.equal(held_out(0, pairs[:, 0], pairs[:, 1]), held_out(1, pairs[:, 0], pairs[:, 1]))
     dm = MultiplyTask(multiply_config("eval.size=6000"))
     train = dm.generate(Ticket(0, 40, 0, 1), CPU).tokens.reshape(-1, dm.seq_len)
-    held = dm.eval_set(CPU)
+    held = dm.eval_set(CPU)[0]
     train_pairs = {tuple(map(int, render(r).split("=")[0].split("*"))) for r in train}
     held_pairs = {tuple(map(int, render(r).split("=")[0].split("*"))) for r in held}
     assert train_pairs.isdisjoint(held_pairs)
@@ -137,9 +140,9 @@ def test_stream_is_a_pure_function_of_the_index():
 
 def test_ranks_slice_the_global_batch():
     dm = MultiplyTask(multiply_config("data.batch_size=12"))
-    whole = dm.generate(Ticket(4, 3, 0, 1), CPU).tokens
+    whole = dm.generate(Ticket(4, 3, 0, 1), CPU).tokens[0]
     for world in (2, 3):
-        parts = [dm.generate(Ticket(4 + j, 1, r, world), CPU).tokens[0] for j in range(3) for r in range(world)]
+        parts = [dm.generate(Ticket(4 + j, 1, r, world), CPU).tokens[0, 0] for j in range(3) for r in range(world)]
         assert torch.equal(torch.cat(parts).view(3, 12, dm.seq_len), whole)
 
 
@@ -158,12 +161,12 @@ def test_mlp_learns_the_parity_chain():
     dm = ParityTask(cfg)
     net = make_backbone(cfg, dm.vocab_size, dm.seq_len)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.optim.lr)
-    for tokens in dm.generate(Ticket(0, 300, 0, 1), CPU).tokens:
+    for tokens in dm.generate(Ticket(0, 300, 0, 1), CPU).tokens[0]:
         loss = completion_loss(net(tokens), tokens, dm.prompt_len)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    held = dm.eval_set(CPU)
+    held = dm.eval_set(CPU)[0]
     _, generated = teacher_forced_and_greedy(net, held, dm.prompt_len)
     assert torch.equal(generated[:, -1], held[:, -1])
 
@@ -184,3 +187,111 @@ def test_train_py_multiply_writes_the_summary(tmp_path):
                           f"run_dir={tmp_path / 'bad'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "data.digits" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+# --- ensembles ------------------------------------------------------------------------------------------------
+ENSEMBLE_CASES = {  # family -> a tiny config where weight decay, warmup, the cosine schedule and the clip all act
+    "transformer": ["experiment=tree_cot_parity", "data.n=10", "data.k=4", "model.d_model=16", "model.heads=2",
+                    "optim.lr=0.01"],
+    "linear": ["experiment=cot_parity", "model.kind=linear", "data.n=10", "data.k=3", "optim.lr=0.05"],
+    "mlp": ["experiment=multiply_cot", "model.width=16", "optim.name=sgd", "optim.momentum=0.9",
+            "optim.weight_decay=0.01"],
+}
+SHORT = ["data.batch_size=16", "trainer.max_steps=48", "eval.every_n_steps=12", "eval.size=32",
+         "checkpoint.every_n_steps=48", "optim.warmup_steps=8", "optim.grad_clip=0.05", "trainer.steps_per_batch=6"]
+
+
+def fitted(args: list[str]) -> NextTokenModule:
+    """A module trained in-process by Lightning for the config's steps, on trainer.cpu_threads threads as train.py
+    trains (two threads on a busy two-core machine are many times slower)."""
+    cfg = compose([*args, *SHORT])
+    torch.manual_seed(cfg.seed)
+    dm, module = build(cfg)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=cfg.trainer.max_steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.trainer.cpu_threads)
+    try:
+        trainer.fit(module, datamodule=dm)
+    finally:
+        torch.set_num_threads(threads)
+    return module
+
+
+@pytest.mark.parametrize("family", sorted(ENSEMBLE_CASES))
+def test_member_in_an_ensemble_equals_member_alone_bitwise(family):
+    """Member m of a 2-member ensemble, after 48 steps with a per-member clip that bites, weight decay and a
+    warmup/cosine schedule, has exactly the weights and evaluation of the run of member m alone."""
+    args = ENSEMBLE_CASES[family]
+    group = fitted([*args, "model.ensemble=2"])
+    first, second = (list(net.parameters()) for net in group.backbones)
+    assert not any(torch.equal(a, b) for a, b in zip(first, second) if a.numel() > 1)  # own inits and data
+    together = group.results()
+    for i, member in enumerate(group.members):
+        alone = fitted([*args, f"model.member_offset={member}"])
+        for (name, a), b in zip(group.backbones[i].named_parameters(), alone.backbones[0].parameters()):
+            assert torch.equal(a, b), f"member {member}: {name}"
+        single = alone.results()
+        for key in ("solved_step", "token_accuracy", "greedy_accuracy", "chain_accuracy"):
+            assert together[key][i] == single[key], key
+    assert 0.0 < group.accuracy[:, 0].min() < 1.0  # trained, not trivially solved
+
+
+@pytest.mark.parametrize("args", [["experiment=tree_cot_parity", "data.noise=0.1"], ["experiment=multiply_cot"]])
+def test_each_member_has_its_own_streams_and_member_zero_keeps_today_s(args):
+    group, alone = (task_class(cfg.data.task)(cfg) for cfg in
+                    (compose([*args, "model.ensemble=3", "eval.size=32"]),
+                     compose([*args, "model.member_offset=2", "eval.size=32"])))
+    ticket = Ticket(5, 2, 0, 1)
+    batch, held = group.generate(ticket, CPU).tokens, group.eval_set(CPU)
+    assert batch.shape == (3, 2, group.cfg.data.batch_size, group.seq_len) and held.shape == (3, 32, group.seq_len)
+    assert torch.equal(batch[2], alone.generate(ticket, CPU).tokens[0]) and torch.equal(held[2], alone.eval_set(CPU)[0])
+    assert not torch.equal(batch[0], batch[1]) and not torch.equal(held[0], held[1])
+    start, count = 5 * group.cfg.data.batch_size, 2 * group.cfg.data.batch_size
+    if isinstance(group, ParityTask):  # member 0: the stream a single model trained on before ensembles
+        noise = group.cfg.data.noise
+        assert torch.equal(batch[0].reshape(count, -1), group.sequences(start, count, train_stream(0), noise, CPU))
+    else:  # every member's held-out operands are on the held-out side of the split, its training ones never
+        for rows, side in ((batch.reshape(-1, group.seq_len), False), (held.reshape(-1, group.seq_len), True)):
+            a, b = (torch.tensor([int(render(r).split("=")[0].split("*")[i]) for r in rows]) for i in (0, 1))
+            assert bool(held_out(group.cfg.seed, a, b).all() if side else not held_out(group.cfg.seed, a, b).any())
+
+
+class StubTrainer:
+    """What NextTokenModule.evaluate reads of its trainer."""
+    logger, datamodule, should_stop = None, None, False
+
+    def __init__(self):
+        self.callback_metrics = {}
+
+
+def test_ensemble_records_each_member_s_solve_and_stops_when_all_are_solved(monkeypatch):
+    cfg = compose(["experiment=tree_cot_parity", "model.ensemble=2", "eval.size=8"])
+    module = build(cfg)[1]
+    module._trainer = StubTrainer()
+    scripted = iter([[[0.9, 1.0, 0.5], [0.8, 0.5, 0.0]], [[1.0, 1.0, 1.0], [0.9, 0.75, 0.5]],
+                     [[0.95, 0.5, 0.5], [1.0, 1.0, 1.0]]])  # per member: token, greedy, chain
+    monkeypatch.setattr(module, "measure", lambda dm: torch.tensor(next(scripted)))
+    for step, stops in ((100, False), (200, False), (300, True)):
+        module.evaluate(step)
+        assert module.trainer.should_stop == stops
+    assert module.trainer.callback_metrics["eval/members_solved"] == 2
+    assert module.trainer.callback_metrics["eval/greedy_accuracy_min"] == 0.5
+    results = module.results()
+    assert results["solved_step"] == [100, 300]  # member 0 stays solved at its first 100%
+    assert results["greedy_accuracy"] == [0.5, 1.0] and results["final_accuracy"] == [0.5, 1.0]
+    assert results["parameters"] == sum(p.numel() for p in module.backbones[0].parameters())
+    single = build(compose(["experiment=tree_cot_parity", "eval.size=8"]))[1]
+    assert single.results()["solved_step"] is None and single.metrics(torch.tensor([[0.5, 0.25, 0.0]])) == {
+        "final_accuracy": 0.25, "greedy_accuracy": 0.25, "token_accuracy": 0.5, "chain_accuracy": 0.0}
+
+
+@pytest.mark.parametrize("preset, kind", [("tree_cot_parity", "transformer"), ("cot_parity", "linear"),
+                                          ("multiply_cot", "mlp")])
+def test_memory_estimate_scales_with_the_ensemble(preset, kind):
+    """Every term but the one-member-at-a-time evaluation pass grows E-fold."""
+    one, four = (footprint(compose([f"experiment={preset}", f"model.kind={kind}", f"model.ensemble={e}"]))
+                 for e in (1, 4))
+    for a, b in zip(one, four):
+        assert b.bytes == (a.bytes if a.what.startswith("evaluation pass") else 4 * a.bytes), a.what

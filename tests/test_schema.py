@@ -141,7 +141,6 @@ REFUSED = [  # (arguments, the message the refusal must start with)
     ("experiment=cot_parity eval.hidden_progress=false", "eval.hidden_progress: does not apply to model next_token"),
     ("experiment=cot_parity kernels.compile=true", "kernels.compile: does not apply to model next_token"),
     ("experiment=cot_parity model.grad=autograd", "model.grad: does not apply to model next_token"),
-    ("experiment=cot_parity model.ensemble=2", "model.ensemble: next-token models train one member"),
     ("model.nonsense=1", "model.nonsense: unknown key"),
     ("model.name=next_token model.kind=rnn", "model.kind: 'rnn' is not one of linear, mlp, transformer"),
     ("data.task=sorting", "data.task: unknown task 'sorting'"),

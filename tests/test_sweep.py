@@ -124,6 +124,54 @@ def test_fit_recovers_a_known_exponent_from_synthetic_runs(tmp_path):
     assert len(rows) == 12 * members and sum(r["censored"] == "1" for r in rows) >= 20
 
 
+@pytest.mark.parametrize("successes, trials, interval", [
+    (0, 16, (0.0, 0.2059)), (16, 16, (0.7941, 1.0)), (8, 16, (0.2465, 0.7535)),  # 1 - 0.025**(1/16) = 0.2059
+    (1, 10, (0.00253, 0.4450)), (5, 10, (0.1871, 0.8129)), (0, 1, (0.0, 0.975)), (1, 1, (0.025, 1.0)),
+])
+def test_clopper_pearson_interval_matches_known_values(successes, trials, interval):
+    from sweep import binomial_cdf, clopper_pearson
+    lower, upper = clopper_pearson(successes, trials)
+    assert (lower, upper) == pytest.approx(interval, abs=6e-5)
+    if 0 < successes < trials:  # each bound puts exactly 2.5% in its tail
+        assert 1 - binomial_cdf(successes - 1, trials, lower) == pytest.approx(0.025, abs=1e-12)
+        assert binomial_cdf(successes, trials, upper) == pytest.approx(0.025, abs=1e-12)
+
+
+def test_next_token_cells_give_per_member_rows_and_an_exact_interval(tmp_path):
+    """Next-token cells, an ensemble (lists per member) and a single model (plain values), from synthetic
+    summaries: every member's row, its token and chain accuracy, and the printed success interval."""
+    out = tmp_path / "sweep"
+    args = ["experiment=tree_cot_parity", "--grid", "model.ensemble=1,4", "--out", str(out)]
+    assert sweep(*args, "--slurm").returncode == 0
+    solved = {1: None, 4: [300, None, 1100, 900]}
+    for name, train_args in cell_args(out).items():
+        cfg = compose(train_args)
+        e, steps = cfg.model.ensemble, solved[cfg.model.ensemble]
+        per_member = (lambda values: values) if e > 1 else (lambda values: values[0])
+        greedy = [1.0 if s else 0.5 for s in (steps if e > 1 else [steps])]
+        run_dir = Path(cfg.run_dir)
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        (run_dir / "summary.json").write_text(json.dumps({
+            "solved_step": steps, "final_accuracy": per_member(greedy), "greedy_accuracy": per_member(greedy),
+            "token_accuracy": per_member([0.9 + i / 100 for i in range(e)]),
+            "chain_accuracy": per_member([g - 0.5 for g in greedy]), "members": list(range(e)), "steps": 3000}))
+    result = sweep(*args)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    ensemble = [r for r in rows if r["model.ensemble"] == "4"]
+    assert [r["solved_step"] for r in ensemble] == ["300", "", "1100", "900"]
+    assert [r["token_accuracy"] for r in ensemble] == ["0.9", "0.91", "0.92", "0.93"]
+    assert [r["chain_accuracy"] for r in ensemble] == ["0.5", "0.0", "0.5", "0.5"]
+    cells = {c["cell"]: c for c in json.loads((out / "results.json").read_text())["cells"]}
+    assert cells["model.ensemble=4"]["solved"] == 3 and cells["model.ensemble=4"]["median_solved_step"] == 1000
+    assert cells["model.ensemble=4"]["success_ci95"] == pytest.approx([0.1941, 0.9937], abs=1e-4)
+    assert cells["model.ensemble=1"]["success_ci95"] == pytest.approx([0.0, 0.975])
+    table = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("model.ensemble=")}
+    assert "3/4" in table["model.ensemble=4"] and "[0.194, 0.994]" in table["model.ensemble=4"]
+    assert "0/1" in table["model.ensemble=1"] and "> 3000 (censored)" in table["model.ensemble=1"]
+
+
 # --- cells that fail, stop or leave a broken summary ----------------------------------------------
 FAKE_TRAIN = """
 import json, signal, sys, time

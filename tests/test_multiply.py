@@ -90,8 +90,8 @@ def test_split_and_operands_do_not_depend_on_the_chain():
     prompts = {}
     for chain in ("none", "sequential", *MALACH):
         dm = task("data.digits=2", f"data.chain={chain}", "seed=11")
-        train = dm.generate(Ticket(3, 4, 0, 1), CPU).tokens.reshape(-1, dm.seq_len)[:, :dm.prompt_len]
-        prompts[chain] = (train, dm.eval_set(CPU)[:, :dm.prompt_len])
+        train = dm.generate(Ticket(3, 4, 0, 1), CPU).tokens[0].reshape(-1, dm.seq_len)[:, :dm.prompt_len]
+        prompts[chain] = (train, dm.eval_set(CPU)[0, :, :dm.prompt_len])
     for chain in MALACH:
         assert all(torch.equal(x, y) for x, y in zip(prompts[chain], prompts["sequential"]))
     for tokens, held in zip(prompts["malach"], (False, True)):

@@ -77,8 +77,8 @@ def test_split_is_a_quarter_and_streams_stay_on_their_side():
     assert 0.235 < fraction < 0.265
     assert not torch.equal(held_out(0, patterns), held_out(1, patterns))
     dm = Rule110Task(rule110_config("data.cells=15", "data.generations=6", "eval.size=4000"))
-    train = dm.generate(Ticket(0, 250, 0, 1), CPU).tokens.reshape(-1, dm.seq_len)[:, 1:14]
-    held = dm.eval_set(CPU)[:, 1:14]  # the cone of cell 7: cells 1 .. 13
+    train = dm.generate(Ticket(0, 250, 0, 1), CPU).tokens[0].reshape(-1, dm.seq_len)[:, 1:14]
+    held = dm.eval_set(CPU)[0, :, 1:14]  # the cone of cell 7: cells 1 .. 13
     assert not held_out(0, train).any() and held_out(0, held).all()
     train_cones, held_cones = set(map(tuple, train.tolist())), set(map(tuple, held.tolist()))
     assert train_cones.isdisjoint(held_cones)
@@ -100,9 +100,9 @@ def test_stream_is_a_pure_function_of_the_index():
 
 def test_ranks_slice_the_global_batch():
     dm = Rule110Task(rule110_config("data.batch_size=12"))
-    whole = dm.generate(Ticket(4, 3, 0, 1), CPU).tokens
+    whole = dm.generate(Ticket(4, 3, 0, 1), CPU).tokens[0]
     for world in (2, 3):
-        parts = [dm.generate(Ticket(4 + j, 1, r, world), CPU).tokens[0] for j in range(3) for r in range(world)]
+        parts = [dm.generate(Ticket(4 + j, 1, r, world), CPU).tokens[0, 0] for j in range(3) for r in range(world)]
         assert torch.equal(torch.cat(parts).view(3, 12, dm.seq_len), whole)
 
 
@@ -136,8 +136,8 @@ def trained_mlp(chain: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     dm = Rule110Task(cfg)
     net = make_backbone(cfg, dm.vocab_size, dm.seq_len)
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
-    held = dm.eval_set(CPU)
-    for tokens in dm.generate(Ticket(0, 400, 0, 1), CPU).tokens:
+    held = dm.eval_set(CPU)[0]
+    for tokens in dm.generate(Ticket(0, 400, 0, 1), CPU).tokens[0]:
         loss = completion_loss(net(tokens), tokens, dm.prompt_len)
         opt.zero_grad()
         loss.backward()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import EVAL_CHUNK, FLOAT, INDEX, Config, Term, batch_sizes, need
+from config import FLOAT, INDEX, Config, Term, batch_sizes, eval_chunk, need
 from datamodules.stream import member_ids
 from lightning_modules.family import ModelFamily, model_family, register_model
 from networks.autoregressive import LinearConfig, NextTokenMLPConfig, linear_next_token, mlp_next_token
@@ -116,8 +116,8 @@ class NextTokenModule(ModelFamily, L.LightningModule):
                 Term("training batch", [E, *batch_sizes(cfg), T], INDEX)]
 
     @staticmethod
-    def eval_chunk(cfg: Config) -> tuple[str, int, str]:
-        return "eval chunk", min(EVAL_CHUNK, cfg.eval.size), "eval.size"
+    def eval_chunk(cfg: Config, seq_len: int) -> tuple[str, int, str]:
+        return "eval chunk", eval_chunk(seq_len, cfg.eval.size), "eval.size"
 
     def summary_fields(self) -> dict:
         return {"model": self.key, "kind": self.cfg.model.kind, "train_path": "autograd"}  # its one path
@@ -202,7 +202,7 @@ class NextTokenModule(ModelFamily, L.LightningModule):
         """(token, greedy, chain) accuracy of one member's network on held-out sequences (N, seq_len)."""
         P, length = self.prompt_len, self.seq_len - self.prompt_len
         hits = torch.zeros(3, device=tokens.device, dtype=torch.float64)
-        for chunk in tokens.split(EVAL_CHUNK):
+        for chunk in tokens.split(eval_chunk(self.seq_len, tokens.shape[0])):
             target = chunk[:, P:]
             logits, generated = teacher_forced_and_greedy(backbone, chunk, P)
             hits[0] += (logits[:, P - 1:-1].argmax(-1) == target).sum()
@@ -286,7 +286,7 @@ class TransformerLM(NextTokenModule):
             Term("weights, gradients and Adam state", [("4 x 12", 48, None), E, depth, D, D], FLOAT),
             Term("activations kept for the backward pass", [("16", 16, None), E, local, T, depth, D], FLOAT),
             Term("evaluation pass: KV cache and activations",
-                 [("2 x model.depth + 12", 2 * m.depth + 12, "model.depth"), cls.eval_chunk(cfg), T, D], FLOAT)]
+                 [("2 x model.depth + 12", 2 * m.depth + 12, "model.depth"), cls.eval_chunk(cfg, T[1]), T, D], FLOAT)]
 
 
 class CausalLinearLM(NextTokenModule):
@@ -303,7 +303,7 @@ class CausalLinearLM(NextTokenModule):
             Term("CausalLinear blocks, gradient and Adam state", [("2", 2, None), E, T, T, vocab, out], FLOAT),
             Term("assembled CausalLinear matrices, their gradients and the generation cache's copy",
                  [("3", 3, None), E, T, T, vocab, out], FLOAT),
-            Term("evaluation pass: prefix sums and activations", [("5", 5, None), cls.eval_chunk(cfg), T, out], FLOAT)]
+            Term("evaluation pass: prefix sums and activations", [("5", 5, None), cls.eval_chunk(cfg, T[1]), T, out], FLOAT)]
         if hasattr(cfg.model, "depth"):
             terms.append(Term("hidden activations", [("2", 2, None), E, batch_sizes(cfg)[1], T, out,
                                                      ("model.depth", cfg.model.depth, "model.depth")], FLOAT))

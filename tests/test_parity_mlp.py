@@ -72,7 +72,10 @@ def test_each_accelerated_path_trains_autograds_weights(path, overrides):
         if cpp.cxx() is None:
             pytest.skip("no C++ compiler: kernels.compile=true falls back to the eager fused step")
     common = ["model.ensemble=3", "trainer.steps_per_batch=100", *overrides]
-    fast, auto = fit(common), fit([*common, "model.grad=autograd"])
+    # ReLU's kink: once one pre-activation rounds to the other side of zero on one path (after ~150 steps
+    # with logistic loss here), that hidden unit's weights part ways by ~1e-4; compare before it.
+    steps = 100 if "model.activation=relu" in overrides else 300
+    fast, auto = fit(common, steps=steps), fit([*common, "model.grad=autograd"], steps=steps)
     assert (fast.train_path, auto.train_path) == (path, "autograd")
     for name, a, b in zip(PARAMS, weights(fast), weights(auto)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")

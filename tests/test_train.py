@@ -93,7 +93,8 @@ def test_every_experiment_preset_runs(tmp_path, preset):
     assert summary["experiment"] == preset and summary["steps"] <= 20
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
-    tag = "eval/accuracy_mean" if "eval/accuracy_mean" in events.Tags()["scalars"] else "eval/greedy_accuracy"
+    score = next(key for key in summary if key.startswith("final_"))[len("final_"):]  # accuracy, relative_mse
+    tag = next(t for t in (f"eval/{score}_mean", "eval/greedy_accuracy") if t in events.Tags()["scalars"])
     evaluated = [e.step for e in events.Scalars(tag)]  # SGD steps, each evaluation written once
     assert evaluated == list(range(10, summary["steps"] + 1, 10)), evaluated
     assert [e.step for e in events.Scalars("train/loss")][-1] == summary["steps"]

@@ -50,13 +50,6 @@ class ParityTask(Task):
         super().__init__(cfg)
         d = cfg.data
         self._secret = list(d.secret) if d.secret is not None else secret_for(cfg.seed, d.n, d.k)
-        first = cfg.model.member_offset
-        self.members = list(range(first, first + cfg.model.ensemble))
-        if self.format == "sequence":
-            layout = self.layout(d)
-            self.vocab_size, self.prompt_len = layout.vocab_size, layout.prompt_len
-            self.seq_len, self.answer_len = layout.seq_len, layout.answer_len
-        self._eval_set = None
 
     @classmethod
     def validate(cls, cfg: Config) -> None:

@@ -36,7 +36,7 @@ from typing import ClassVar
 import torch
 
 from config import Config, DataConfig, need
-from datamodules.stream import SequenceBatch, Ticket, eval_stream, is_eval_stream, joined, member_ids, train_stream
+from datamodules.stream import is_eval_stream
 from datamodules.task import SequenceLayout, Task, register_task
 from kernels.philox import MASK32, philox4x32, split_seed
 
@@ -151,14 +151,6 @@ class Rule110Task(Task):
     size_key = "data.cells"
     configs = {"sequence": Rule110Config}
 
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
-        layout = self.layout(cfg.data)
-        self.vocab_size, self.prompt_len = layout.vocab_size, layout.prompt_len
-        self.seq_len, self.answer_len = layout.seq_len, layout.answer_len
-        self.members = member_ids(cfg)
-        self._eval_set: torch.Tensor | None = None
-
     @classmethod
     def validate(cls, cfg: Config) -> None:
         d = cfg.data
@@ -180,16 +172,3 @@ class Rule110Task(Task):
         first = rings(self.cfg.seed, start, count, stream, d.cells, d.generations, is_eval_stream(stream), device)
         return sequences(first, d.generations, d.chain)
 
-    def generate(self, ticket: Ticket, device: torch.device) -> SequenceBatch:
-        """The sequences of a ticket: rank r's slice of each global batch in the ticket's steps."""
-        tokens = torch.stack([joined([self.sample(start, count, train_stream(m), device)
-                                      for start, count in self.ticket_ranges(ticket)]) for m in self.members])
-        local = self.cfg.data.batch_size // ticket.world_size
-        return SequenceBatch(tokens.view(len(self.members), ticket.steps, local, self.seq_len), ticket.step)
-
-    def eval_set(self, device: torch.device) -> torch.Tensor:
-        """The fixed held-out sequences, int64 (members, eval.size, seq_len): only held-out cone patterns."""
-        if self._eval_set is None or self._eval_set.device != device:
-            self._eval_set = torch.stack([self.sample(0, self.cfg.eval.size, eval_stream(m), device)
-                                          for m in self.members])
-        return self._eval_set

@@ -17,7 +17,6 @@ import torch
 
 from config import Config, DataConfig, need
 from datamodules.parity import secret_for
-from datamodules.stream import ClassifierBatch, Ticket, eval_stream, joined, train_stream
 from datamodules.task import Task, register_task
 from kernels import sparse_parity
 
@@ -48,9 +47,6 @@ class StaircaseTask(Task):
         super().__init__(cfg)
         d = cfg.data
         self._secret = list(d.secret) if d.secret is not None else secret_for(cfg.seed, d.n, d.k)
-        first = cfg.model.member_offset
-        self.members = list(range(first, first + cfg.model.ensemble))
-        self._eval_set = None
 
     @classmethod
     def validate(cls, cfg: Config) -> None:
@@ -84,14 +80,3 @@ class StaircaseTask(Task):
                                 backend=self.cfg.kernels.backend, device=device, layout="pm1")
         return x, staircase(x, self.secret)
 
-    def generate(self, ticket: Ticket, device: torch.device) -> ClassifierBatch:
-        streams = [train_stream(m) for m in self.members]
-        xs, ys = zip(*(self.samples(start, count, streams, device) for start, count in self.ticket_ranges(ticket)))
-        local, members = self.cfg.data.batch_size // ticket.world_size, len(streams)
-        return ClassifierBatch(joined(list(xs), 1).view(members, ticket.steps, local, self.cfg.data.n),
-                               joined(list(ys), 1).view(members, ticket.steps, local), ticket.step)
-
-    def eval_set(self, device: torch.device):
-        if self._eval_set is None or self._eval_set[0].device != device:
-            self._eval_set = self.samples(0, self.cfg.eval.size, [eval_stream(m) for m in self.members], device)
-        return self._eval_set

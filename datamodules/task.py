@@ -11,7 +11,8 @@ import lightning as L
 import torch
 
 from config import Config, DataConfig
-from datamodules.stream import Ticket, ticket_loader, ticket_ranges
+from datamodules.stream import (ClassifierBatch, SequenceBatch, Ticket, eval_stream, joined, member_ids, ticket_loader,
+                                ticket_ranges, train_stream)
 
 TASKS: dict[str, type["Task"]] = {}
 
@@ -49,6 +50,12 @@ class Task(L.LightningDataModule):
         super().__init__()
         self.cfg = cfg
         self.format = cfg.data.format
+        self.members = member_ids(cfg)
+        self._eval_set = None
+        if self.format == "sequence":
+            layout = self.layout(cfg.data)
+            self.vocab_size, self.prompt_len = layout.vocab_size, layout.prompt_len
+            self.seq_len, self.answer_len = layout.seq_len, layout.answer_len
 
     # --- the config section -------------------------------------------------------------------
     @classmethod
@@ -96,13 +103,38 @@ class Task(L.LightningDataModule):
     def ticket_ranges(self, ticket: Ticket) -> list[tuple[int, int]]:
         return ticket_ranges(ticket, self.cfg.data.batch_size)
 
-    def generate(self, ticket: Ticket, device: torch.device):
-        """The training samples of a ticket on ``device``, in the task's batch format."""
+    def samples(self, start: int, count: int, streams: list[int], device: torch.device):
+        """Classifier format: samples [start, start + count) of each stream, x (members, count, input_size)
+        and y (members, count); what the default ``generate`` and ``eval_set`` are made of."""
         raise NotImplementedError
 
-    def eval_set(self, device: torch.device):
-        """The fixed held-out samples on ``device`` (never training samples)."""
+    def sample(self, start: int, count: int, stream: int, device: torch.device) -> torch.Tensor:
+        """Sequence format: samples [start, start + count) of one stream, int64 tokens (count, seq_len)."""
         raise NotImplementedError
+
+    def generate(self, ticket: Ticket, device: torch.device) -> ClassifierBatch | SequenceBatch:
+        """The training samples of a ticket on ``device``: rank r's slice of each global batch in the
+        ticket's steps, from each member's training stream."""
+        ranges, local = self.ticket_ranges(ticket), self.cfg.data.batch_size // ticket.world_size
+        shape = (len(self.members), ticket.steps, local)
+        if self.format == "sequence":
+            tokens = torch.stack([joined([self.sample(start, count, train_stream(m), device) for start, count in ranges])
+                                  for m in self.members])
+            return SequenceBatch(tokens.view(*shape, self.seq_len), ticket.step)
+        streams = [train_stream(m) for m in self.members]
+        xs, ys = zip(*(self.samples(start, count, streams, device) for start, count in ranges))
+        return ClassifierBatch(joined(list(xs), 1).view(*shape, -1), joined(list(ys), 1).view(shape), ticket.step)
+
+    def eval_set(self, device: torch.device):
+        """The fixed held-out samples on ``device`` (never training samples), made once per device: tokens
+        (members, eval.size, seq_len) or (x, y) as ``samples`` returns them."""
+        cached = self._eval_set
+        if cached is None or (cached if self.format == "sequence" else cached[0]).device != device:
+            size = self.cfg.eval.size
+            self._eval_set = (torch.stack([self.sample(0, size, eval_stream(m), device) for m in self.members])
+                              if self.format == "sequence" else
+                              self.samples(0, size, [eval_stream(m) for m in self.members], device))
+        return self._eval_set
 
     def score(self, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Classifier format: each member's held-out score from outputs f (E, N) and targets y (E, N), and

@@ -24,9 +24,8 @@ from config import Config, ConfigError, compose, to_yaml, validate
 from runtime import stopping
 from runtime.experiment import build
 from runtime.callbacks import StepProgressBar, Throughput
-from runtime.checkpointing import (AtomicCheckpointIO, KillAtStep, ResumeState, adopt_settings,
-                                             load_for_resume, resume_path, run_identity, run_settings,
-                                             tensorboard_resume_step)
+from runtime.checkpointing import (AtomicCheckpointIO, KillAtStep, ResumeState, adopt_settings, identity_defaults,
+                                   load_for_resume, resume_path, run_identity, run_settings, tensorboard_resume_step)
 from runtime.launch import (RUN_DIR_ENV, RankAgreement, check_cluster, check_devices, cluster_plugins,
                                       run_digest, shared_run_dir)
 from runtime.run_dirs import check_free, check_place, claim, make_run_dir, write_atomic
@@ -148,7 +147,8 @@ def main(argv: list[str]) -> int:
             check_free(run_dir)
         resume = resume_path(cfg.resume, run_dir)
         identity, settings = run_identity(cfg, dm), run_settings(cfg)
-        checkpoint, changed = (load_for_resume(resume, identity, model, cfg.resume_force, settings)  # every rank
+        checkpoint, changed = (load_for_resume(resume, identity, model, cfg.resume_force, settings,  # every rank
+                                               identity_defaults(cfg))
                                if resume else (None, []))
         if changed:  # forced: a checkpoint of another run continues in a fresh directory, never in that run's
             run_dir = shared_run_dir(cfg, trainer, adopt_checkpoint_home=False)

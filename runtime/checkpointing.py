@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import signal
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -72,6 +73,20 @@ def run_identity(cfg: Config, task) -> dict:
     return {"experiment": cfg.experiment, "seed": cfg.seed, **task.identity()}
 
 
+def identity_defaults(cfg: Config) -> dict:
+    """The task's keys at their defaults. A key added to a task keeps the old behaviour at its default, so a
+    checkpoint written before the key existed matches a config that leaves it there."""
+    return {f.name: f.default for f in fields(cfg.data) if f.default is not MISSING}
+
+
+def identity_differences(stored: dict, identity: dict, defaults: Optional[dict] = None) -> list[str]:
+    """The keys on which a checkpoint's identity and a run's differ, a key the checkpoint lacks counting as
+    equal where the run has it at its default (``identity_defaults``)."""
+    defaults = defaults or {}
+    return [key for key in dict.fromkeys([*identity, *stored]) if stored.get(key) != identity.get(key)
+            and not (key not in stored and key in defaults and identity.get(key) == defaults[key])]
+
+
 # Options that do not change what is trained (where it runs, how often it is looked at or saved, same-bits
 # kernels, the path that computes autograd's update): they may differ on resume. trainer.max_steps is a budget,
 # except where the schedule spans it.
@@ -111,7 +126,7 @@ def resume_path(resume: Optional[str], run_dir: Optional[Path]) -> Optional[Path
 
 
 def load_for_resume(path: Path, identity: dict, model: torch.nn.Module, force: bool = False,
-                    settings: Optional[dict] = None) -> tuple[dict, list[str]]:
+                    settings: Optional[dict] = None, defaults: Optional[dict] = None) -> tuple[dict, list[str]]:
     """The checkpoint at ``path`` if it can continue this run, and the settings that differ (forced).
 
     Raises ConfigError (one line) for a missing, unreadable or misshapen checkpoint, and, unless ``force``
@@ -131,8 +146,8 @@ def load_for_resume(path: Path, identity: dict, model: torch.nn.Module, force: b
     if not isinstance(checkpoint, dict) or not {"state_dict", "global_step", IDENTITY_KEY} <= checkpoint.keys():
         raise ConfigError(f"resume: {path} is not a paritylab checkpoint (no state_dict, global_step or identity)")
     stored = checkpoint[IDENTITY_KEY]
-    differ = [f"{key} {stored.get(key)!r} vs {identity.get(key)!r}" for key in dict.fromkeys([*identity, *stored])
-              if stored.get(key) != identity.get(key)]
+    differ = [f"{key} {stored.get(key)!r} vs {identity.get(key)!r}"
+              for key in identity_differences(stored, identity, defaults)]
     if differ and not force:
         raise ConfigError(f"resume: {path} was trained on another problem (checkpoint vs config: {'; '.join(differ)});"
                           " resume_force=true continues anyway")

@@ -23,7 +23,8 @@ from omegaconf.errors import OmegaConfBaseException
 from config import Config, ConfigError, check_memory, has_key, schema_for, validate
 from datamodules import task_class
 from lightning_modules import model_family
-from runtime.checkpointing import IDENTITY_KEY, SETTINGS_KEY, run_identity, run_settings
+from runtime.checkpointing import (IDENTITY_KEY, SETTINGS_KEY, identity_defaults, identity_differences, run_identity,
+                                  run_settings)
 from runtime.run_dirs import write_atomic
 
 # How and on how many held-out samples a run is evaluated (all of them run options, runtime/checkpointing.py).
@@ -115,7 +116,7 @@ def restore(run_dir: Path, cfg: Config) -> tuple[L.LightningDataModule, L.Lightn
                 "shapes": ({name: tuple(t.shape) for name, t in checkpoint["state_dict"].items()},
                            {name: tuple(t.shape) for name, t in module.state_dict().items()})}
     for what, (stored, built) in expected.items():
-        differ = [key for key in dict.fromkeys([*stored, *built]) if stored.get(key) != built.get(key)]
+        differ = identity_differences(stored, built, identity_defaults(cfg) if what == "identity" else None)
         if differ:
             key = differ[0]
             raise ConfigError(f"run_dir: {path} does not match {run_dir / 'config.yaml'} ({what}: {key} "

@@ -21,8 +21,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from config import ConfigError, compose
 from datamodules.parity import ParityTask
 from datamodules.stream import TicketStream
-from runtime.checkpointing import (IDENTITY_KEY, LOGGED_STEP_KEY, AtomicCheckpointIO, ResumeState,
-                                             load_for_resume, resume_path, run_identity)
+from runtime.experiment import build
+from runtime.checkpointing import (IDENTITY_KEY, LOGGED_STEP_KEY, AtomicCheckpointIO, ResumeState, identity_defaults,
+                                   load_for_resume, resume_path, run_identity)
 from lightning_modules.parity_mlp import ParityMLP
 from conftest import ROOT, TIMEOUT, checkpoint, clean_env, finish, one_error_line, start, train
 # Batches of 50 SGD steps (the largest that divides the eval and checkpoint periods); checkpoints at 200
@@ -209,6 +210,23 @@ def test_a_checkpoint_of_another_problem_is_refused_unless_forced(saved, change,
         load_for_resume(path, identity, model)
     checkpoint, changed = load_for_resume(path, identity, model, force=True)
     assert checkpoint["global_step"] == 200 and field in changed
+
+
+def test_a_checkpoint_from_before_a_key_existed_resumes_at_its_default(tmp_path):
+    """data.chain_stride came after checkpoints of chain runs were written: at its default (the old chain) they
+    resume; at another value the problem differs and they are refused, naming it."""
+    cfg = compose(["experiment=cot_parity", "data.n=12", "data.k=3"])
+    identity = run_identity(cfg, ParityTask(cfg))
+    old = {key: value for key, value in identity.items() if key != "chain_stride"}
+    model = build(cfg)[1]
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": model.state_dict(), "global_step": 7, IDENTITY_KEY: old}, path)
+    assert load_for_resume(path, identity, model, defaults=identity_defaults(cfg))[0]["global_step"] == 7
+    with pytest.raises(ConfigError, match=r"another problem .*chain_stride None vs 1"):
+        load_for_resume(path, identity, model)  # without the defaults a missing key is a difference
+    strided = compose(["experiment=cot_parity", "data.n=12", "data.k=3", "data.chain_stride=2"])
+    with pytest.raises(ConfigError, match=r"another problem .*chain_stride None vs 2"):
+        load_for_resume(path, run_identity(strided, ParityTask(strided)), model, defaults=identity_defaults(strided))
 
 
 def test_missing_foreign_and_misshapen_checkpoints_are_refused(saved, tmp_path):

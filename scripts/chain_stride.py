@@ -28,15 +28,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from cli import Parser  # noqa: E402 (scripts/cli.py, beside this file)
+
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("transformer", "mlp", "linear")
 FIELDS = ("kind", "stride", "seed", "solved_step", "steps", "greedy_accuracy", "token_accuracy", "train_wall_s")
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line naming the option, exit status 2
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -1,6 +1,6 @@
 """Steps to solve sparse parity against k at fixed n, with and without chain of thought.
 
-    python scripts/cot_vs_k.py --out DIR [--k 2 3 4 6 8 12] [--budget 3000] [--chains none sequential]
+    python scripts/cot_vs_k.py --out DIR [--k 2 3 4 6 8 12] [--budget 3000] [--chains none sequential tree gates]
                                [--seeds 0] [--set key=value ...]
 
 One ``python train.py experiment=cot_parity data.chain=C data.k=K trainer.max_steps=BUDGET`` per
@@ -24,16 +24,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
+from cli import Parser  # noqa: E402 (scripts/cli.py, beside this file)
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from datamodules.cot import CHAINS  # noqa: E402
+
 N = 30  # configs/experiment/cot_parity.yaml
 FIELDS = ("chain", "k", "seed", "solved_step", "steps", "greedy_accuracy", "token_accuracy", "chain_accuracy",
           "train_wall_s", "tokens_per_s")
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line naming the option, exit status 2
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -41,7 +40,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--k", type=int, nargs="+", default=[2, 3, 4, 6, 8, 12])
     parser.add_argument("--budget", type=int, default=3000, help="training steps per run")
-    parser.add_argument("--chains", nargs="+", default=["none", "sequential"], choices=["none", "sequential", "tree"])
+    parser.add_argument("--chains", nargs="+", default=["none", "sequential"], choices=CHAINS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                         help="extra train.py overrides for every run, e.g. --set model.d_model=32")
@@ -103,6 +102,7 @@ def figure(results: list[dict], ks: list[int], chains: list[str], budget: int) -
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     out = args.out.resolve()
+    (out / "runs").mkdir(parents=True, exist_ok=True)  # train.py makes a run directory, not its parents
     results = []
     for chain in args.chains:
         for k in args.k:

@@ -23,15 +23,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from cli import Parser  # noqa: E402 (scripts/cli.py, beside this file)
+
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("staircase", "parity")
 EARLY = 5000  # the step count at which the two are compared member by member
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line naming the option, exit status 2
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

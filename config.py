@@ -296,12 +296,13 @@ def need(ok: bool, key: str, problem: str) -> None:
 
 
 # --- will it fit: the largest tensors of a run against the memory where they live ---------------
-EVAL_CHUNK_TOKENS = 2048 * 48  # held-out tokens per forward pass of a next-token evaluation
+EVAL_CHUNK = 2048  # held-out sequences per forward pass of a next-token evaluation, up to 48 tokens each
+EVAL_CHUNK_TOKENS = EVAL_CHUNK * 48  # and at most this many tokens per pass for longer sequences
 
 
 def eval_chunk(seq_len: int, size: int) -> int:
-    """Held-out sequences per evaluation forward pass: 2048 up to 48 tokens each, fewer for longer ones."""
-    return max(1, min(2048, EVAL_CHUNK_TOKENS // seq_len, size))
+    """Held-out sequences per evaluation forward pass (lightning_modules/next_token.py)."""
+    return max(1, min(EVAL_CHUNK, EVAL_CHUNK_TOKENS // seq_len, size))
 
 FLOAT, INDEX = 4, 8  # bytes of a float32 and of an int64 token
 PROCESS = 2**29  # the process itself: Python, torch and Lightning (~0.5 GiB resident)

@@ -13,7 +13,7 @@ import torch
 
 from config import Config, ConfigError, DataConfig, need
 from datamodules.cot import CHAINS, VOCAB_SIZE, chain_len, completion
-from datamodules.stream import ClassifierBatch, SequenceBatch, Ticket, eval_stream, joined, pm1, train_stream
+from datamodules.stream import ClassifierBatch, SequenceBatch, Ticket, is_eval_stream, joined, pm1, train_stream
 from datamodules.task import SequenceLayout, Task, register_task
 from kernels import sparse_parity
 from kernels.sparse_parity import on_device
@@ -91,13 +91,12 @@ class ParityTask(Task):
         return cache[key]
 
     def generate(self, ticket: Ticket, device: torch.device) -> ClassifierBatch | SequenceBatch:
-        """Rank r's slice of each global batch in the ticket's steps."""
+        """Rank r's slice of each global batch in the ticket's steps; classifier inputs as the kernel writes them
+        (bits on a CPU, +/-1 on a GPU), in one call for all members."""
+        if self.format == "sequence":
+            return super().generate(ticket, device)
         local = self.cfg.data.batch_size // ticket.world_size
         ranges = self.ticket_ranges(ticket)
-        if self.format == "sequence":
-            tokens = torch.stack([joined([self.sequences(start, count, train_stream(m), self.cfg.data.noise, device)
-                                          for start, count in ranges]) for m in self.members])
-            return SequenceBatch(tokens.view(len(self.members), ticket.steps, local, self.seq_len), ticket.step)
         d = self.cfg.data
         streams = [train_stream(m) for m in self.members]
         secret, stream_ids = self.device_args(streams, device)
@@ -126,18 +125,18 @@ class ParityTask(Task):
         tokens[:, -1] = y  # the (possibly noisy) answer
         return tokens
 
-    def eval_set(self, device: torch.device):
-        """The fixed held-out samples (noiseless: solved means exactly the parity). Classifiers: x (members,
-        size, n) and y (members, size), +/-1; sequence models: int64 tokens (members, eval.size, seq_len)."""
-        cached = self._eval_set
-        if cached is None or (cached[0] if isinstance(cached, tuple) else cached).device != device:
-            if self.format == "sequence":
-                self._eval_set = torch.stack([self.sequences(0, self.cfg.eval.size, eval_stream(m), 0.0, device)
-                                              for m in self.members])
-            else:
-                x, y, _ = sparse_parity(self.cfg.seed, 0, self.cfg.eval.size, self.cfg.data.n, self.secret,
-                                        stream=[eval_stream(m) for m in self.members],
-                                        backend=self.cfg.kernels.backend, device=device, layout="pm1",
-                                        compile=self.cfg.kernels.compile)
-                self._eval_set = (x, y)
-        return self._eval_set
+    def noise(self, stream: int) -> float:
+        """Label noise of a stream: held-out samples are noiseless (solved means exactly the parity)."""
+        return 0.0 if is_eval_stream(stream) else self.cfg.data.noise
+
+    def sample(self, start: int, count: int, stream: int, device: torch.device) -> torch.Tensor:
+        return self.sequences(start, count, stream, self.noise(stream), device)
+
+    def samples(self, start: int, count: int, streams: list[int], device: torch.device):
+        """x (members, count, n) and y (members, count) in +/-1 (training batches take ``generate``'s kernel path)."""
+        d = self.cfg.data
+        secret, stream_ids = self.device_args(streams, device)
+        x, y, _ = sparse_parity(self.cfg.seed, start, count, d.n, secret, stream=stream_ids,
+                                noise=self.noise(streams[0]), backend=self.cfg.kernels.backend, device=device,
+                                layout="pm1", compile=self.cfg.kernels.compile)
+        return x, y

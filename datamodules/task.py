@@ -118,8 +118,8 @@ class Task(L.LightningDataModule):
         ranges, local = self.ticket_ranges(ticket), self.cfg.data.batch_size // ticket.world_size
         shape = (len(self.members), ticket.steps, local)
         if self.format == "sequence":
-            tokens = torch.stack([joined([self.sample(start, count, train_stream(m), device) for start, count in ranges])
-                                  for m in self.members])
+            tokens = torch.stack([joined([self.sample(start, count, train_stream(m), device)
+                                          for start, count in ranges]) for m in self.members])
             return SequenceBatch(tokens.view(*shape, self.seq_len), ticket.step)
         streams = [train_stream(m) for m in self.members]
         xs, ys = zip(*(self.samples(start, count, streams, device) for start, count in ranges))

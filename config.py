@@ -71,7 +71,7 @@ class TrainerConfig:
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
-    steps_per_batch: int = 0  # SGD steps per Lightning batch; 0 = largest that fits the schedule (<= 100)
+    steps_per_batch: int = 0  # SGD steps per Lightning batch; 0 = largest that fits the schedule (datamodules/stream.py)
     progress_bar: bool = True
     cpu_threads: int = 1  # torch intra-op threads; small models run fastest on one, 0 = torch's default
     fail_at_step: int = 0  # fault drill (resume tests): SIGKILL the process at this step; 0 = off
@@ -328,10 +328,11 @@ def footprint(cfg: Config) -> list[Term]:
 
 def batch_sizes(cfg: Config) -> tuple[tuple[str, int, Optional[str]], tuple[str, int, Optional[str]]]:
     """(steps per Lightning batch, local batch size) as footprint sizes."""
-    d, t, e = cfg.data, cfg.trainer, cfg.eval
+    from datamodules import task_class
+    from datamodules.stream import steps_per_batch
+    d, t = cfg.data, cfg.trainer
     world = _world_size(cfg) or 1
-    every = math.gcd(e.every_n_steps, cfg.checkpoint.every_n_steps)
-    steps = 1 if world > 1 else min(t.steps_per_batch or min(100, every), t.max_steps)
+    steps = min(steps_per_batch(cfg, world, task_class(d.task).step_bytes(cfg)), t.max_steps)
     return ("steps per batch", steps, "trainer.steps_per_batch"), ("data.batch_size", max(1, d.batch_size // world),
                                                                    "data.batch_size")
 

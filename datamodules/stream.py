@@ -81,14 +81,23 @@ def pm1(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_floating_point() else 1.0 - 2.0 * x.float()
 
 
-def steps_per_batch(cfg: Config, world_size: int) -> int:
-    """SGD steps one Lightning batch carries: 1 under DDP (one reducer pass per forward)."""
+STEPS_PER_BATCH = 100  # the most SGD steps a Lightning batch carries by default ...
+SMALL_STEPS_PER_BATCH = 500  # ... or where a step's data is small (a batch's fixed costs, Lightning's loop and
+SMALL_BATCH_BYTES = 2**22  # a generation call, outweigh a small step's): up to this many, within this many bytes
+
+
+def steps_per_batch(cfg: Config, world_size: int, step_bytes: int) -> int:
+    """SGD steps one Lightning batch carries: 1 under DDP (one reducer pass per forward); else
+    trainer.steps_per_batch, or the largest divisor of the evaluation and checkpoint interval up to
+    STEPS_PER_BATCH, or up to SMALL_STEPS_PER_BATCH while the batch's data (``step_bytes`` a step, all members)
+    stays within SMALL_BATCH_BYTES."""
     if world_size > 1:
         return 1
     if cfg.trainer.steps_per_batch:
         return cfg.trainer.steps_per_batch
     every = math.gcd(cfg.eval.every_n_steps, cfg.checkpoint.every_n_steps)
-    return max(d for d in range(1, min(every, 100) + 1) if every % d == 0)
+    cap = max(STEPS_PER_BATCH, min(SMALL_STEPS_PER_BATCH, SMALL_BATCH_BYTES // max(1, step_bytes)))
+    return max(d for d in range(1, min(every, cap) + 1) if every % d == 0)
 
 
 def ticket_ranges(ticket: Ticket, batch: int) -> list[tuple[int, int]]:
@@ -100,10 +109,11 @@ def ticket_ranges(ticket: Ticket, batch: int) -> list[tuple[int, int]]:
     return [(t * batch + ticket.rank * local, local) for t in range(ticket.step, ticket.step + ticket.steps)]
 
 
-def ticket_loader(trainer, cfg: Config) -> DataLoader:
+def ticket_loader(trainer, cfg: Config, step_bytes: int) -> DataLoader:
     """The trainer's ticket loader: it starts at the trainer's step and splits batches across its ranks."""
     rank, world = trainer.global_rank, trainer.world_size
-    stream = TicketStream(lambda: trainer.global_step, steps_per_batch(cfg, world), cfg.trainer.max_steps, rank, world)
+    steps = steps_per_batch(cfg, world, step_bytes)
+    stream = TicketStream(lambda: trainer.global_step, steps, cfg.trainer.max_steps, rank, world)
     return DataLoader(stream, batch_size=None, num_workers=0)
 
 

@@ -94,8 +94,15 @@ class Task(L.LightningDataModule):
         return None
 
     # --- batches ----------------------------------------------------------------------------------
+    @classmethod
+    def step_bytes(cls, cfg: Config) -> int:
+        """Bytes of one SGD step's training data, all members: +/-1 floats (the widest form) or int64 tokens."""
+        data, members = cfg.data, cfg.model.ensemble
+        per_sample = cls.layout(data).seq_len * 8 if data.format == "sequence" else cls.input_size(data) * 4
+        return members * data.batch_size * per_sample
+
     def train_dataloader(self):
-        return ticket_loader(self.trainer, self.cfg)
+        return ticket_loader(self.trainer, self.cfg, self.step_bytes(self.cfg))
 
     def on_after_batch_transfer(self, ticket: Ticket, dataloader_idx: int):
         return self.generate(ticket, self.trainer.strategy.root_device)

@@ -187,13 +187,12 @@ class NextTokenModule(ModelFamily, L.LightningModule):
             losses.append(loss.detach())
             if stopping.requested():  # cut the batch short at this step
                 break
-        loss = torch.stack(losses).mean()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.train_s += time.perf_counter() - start
         self.train_tokens += batch.tokens[:, :len(losses)].numel() * self.trainer.world_size
         step = self.trainer.global_step
-        log_training(self, {"train/loss": loss, "train/lr": schedule.get_last_lr()[0]}, step)  # x-axis: SGD steps
+        log_training(self, torch.stack(losses), step, {"train/lr": schedule.get_last_lr()[0]})  # x-axis: SGD steps
         if step % self.cfg.eval.every_n_steps == 0 or step >= self.cfg.trainer.max_steps:
             self.evaluate(step)
 

@@ -57,7 +57,7 @@ class MLPKernelsConfig(KernelsConfig):
     compile: bool = False  # CPU: data generation and the ReLU/hinge SGD step as C++ (built once, ~40 s; cached)
 
 
-WHOLE_BATCH_BYTES = 2**21  # the fused step converts a batch's inputs to +/-1 at once up to this size, else per step
+WHOLE_BATCH_BYTES = 2**22  # the fused step converts a batch's inputs to +/-1 in one call up to this size, else by step
 PATHS = {  # train_path -> what trains
     "autograd": "autograd through forward and losses",
     "gradient": "hand-written gradient + torch.optim",
@@ -123,7 +123,7 @@ class ParityMLP(ModelFamily, L.LightningModule):
         if d.n <= 16:  # its exact transform over the whole boolean cube
             terms.append(Term("outputs on the boolean cube", [E, ("2**data.n", 2**d.n, "data.n")], 2 * FLOAT))
         else:  # the characters of the scored subsets on the held-out samples, kept across evaluations
-            scored = 2048 if sampled else math.comb(d.n, d.k)
+            scored = 1 + 2048 if sampled else math.comb(d.n, d.k)  # the secret's and the others'
             terms.append(Term("Fourier-gap characters", [("subsets", scored, "data.k"),
                                                          ("eval.size", e.size, "eval.size")], FLOAT))
         return terms
@@ -210,7 +210,8 @@ class ParityMLP(ModelFamily, L.LightningModule):
     def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Per-member losses and the gradients of their sum w.r.t. the network's (w1, b1, w2, b2)."""
         net = self.net
-        z, h = net.hidden(x)
+        z = net.pre_activations(x)
+        h = net.act(z)
         f = torch.baddbmm(net.b2.view(-1, 1, 1), net.w2.unsqueeze(1), h.transpose(1, 2)).squeeze(1)
         loss, g = self.losses_and_grad(f, y)  # g: (E, B)
         dz = self.activation_grad(z).mul_(g.unsqueeze(-1)).mul_(net.w2.unsqueeze(1))  # (E, B, width)
@@ -247,7 +248,7 @@ class ParityMLP(ModelFamily, L.LightningModule):
             return fused_cpu.plain_sgd_steps(fused_cpu.extension(), first, net.w2.detach(), net.b2.detach(), xs, ys,
                                              lr, count)
         relu, hinge = net.activation == "relu", self.cfg.model.loss == "hinge"
-        whole = members * steps * batch * (n + 1) * 4 <= WHOLE_BATCH_BYTES  # in cache: convert the batch at once
+        whole = members * steps * batch * (n + 1) * 4 <= WHOLE_BATCH_BYTES
         x = ys.new_ones(members, steps if whole else 1, batch, n + 1)  # [x, 1]: its product with first adds b1
         if whole:
             to_pm1(xs, x[..., :n])
@@ -317,7 +318,7 @@ class ParityMLP(ModelFamily, L.LightningModule):
         else:
             losses = self.optimizer_steps(batch, opt, count)
         step = self.trainer.global_step
-        log_training(self, {"train/loss": torch.cat(losses).mean()}, step)  # x-axis of every logged scalar: SGD steps
+        log_training(self, torch.cat(losses), step)  # x-axis of every logged scalar: SGD steps
         if step % self.cfg.eval.every_n_steps == 0 or step >= self.cfg.trainer.max_steps:
             self.evaluate(step)
 

@@ -12,10 +12,12 @@ While the loss sits on its plateau, SGD is already finding the secret S. Three m
 Each is a torchmetrics ``Metric`` whose ``compute()`` is a tensor (members,). Every rank holds the
 same weights and held-out set, so the metrics never synchronise.
 """
+import functools
 import itertools
 import math
 from collections.abc import Callable
 
+import numpy
 import torch
 from torch import nn
 from torchmetrics import Metric
@@ -103,32 +105,30 @@ class FourierGap(MemberMeasure):
         super().__init__()
         self.n, self.k = n, k
         self.subsets = k_subsets(n, k, limit)
-        self._characters = None  # (held-out samples, secret, chi of the other subsets): the samples are fixed
+        self._characters = None  # (held-out samples, secret, their characters): the samples are fixed
 
     def update(self, f: torch.Tensor, secret: list[int], x: torch.Tensor | None = None) -> None:
         """f (members, samples): outputs on ``x`` (samples, n), or on boolean_cube(n) when x is None."""
         if x is None:
             self.value = self._exact(f, secret)
             return
-        s = torch.tensor(secret, device=x.device)
-        own = f @ x[:, s].prod(dim=1) / x.shape[0]
-        chi = self.characters(x, secret)
-        best = (chi @ f.T).abs().amax(dim=0) / x.shape[0] if chi.shape[0] else torch.zeros_like(own)
-        self.value = own.abs() - best
+        coefficients = self.characters(x, secret) @ f.T / x.shape[0]  # (1 + others, members)
+        own, others = coefficients[0], coefficients[1:]
+        self.value = own.abs() - (others.abs().amax(dim=0) if others.shape[0] else torch.zeros_like(own))
 
     def characters(self, x: torch.Tensor, secret: list[int]) -> torch.Tensor:
-        """chi_S'(x) of every scored subset S' other than the secret, (subsets, samples): made at the first
-        evaluation and kept, since every evaluation scores the same held-out samples (counted by the memory check)."""
+        """chi_S(x) of the secret, then chi_S'(x) of every scored subset S' other than it, (1 + subsets, samples):
+        made at the first evaluation and kept, since every evaluation scores the same held-out samples (counted
+        by the memory check). One matrix, so one product gives every coefficient."""
         held = self._characters  # it holds on to its samples: no other tensor can take their memory
         same = held is not None and (held[0].data_ptr(), held[0].shape, held[0].stride(), held[0].device) == \
             (x.data_ptr(), x.shape, x.stride(), x.device)
         if not same or held[1] != list(secret):
             s = torch.tensor(sorted(secret), device=x.device)
             subsets = self.subsets.to(x.device)
-            others = subsets[(subsets != s).any(dim=1)]
+            scored = torch.cat([s[None], subsets[(subsets != s).any(dim=1)]])
             xt = x.T.contiguous()
-            chi = torch.cat([characters(xt, part) for part in others.split(32)]) if others.shape[0] else \
-                x.new_zeros(0, x.shape[0])  # chunks of 32 rows stay in cache while they are multiplied
+            chi = torch.cat([characters(xt, part) for part in scored.split(32)])  # 32 rows at a time stay in cache
             self._characters = held = (x, list(secret), chi)
         return held[2]
 
@@ -147,6 +147,14 @@ def member_stats(name: str, values: torch.Tensor) -> dict[str, torch.Tensor]:
     return {f"{name}_mean": values.mean(), f"{name}_median": values.quantile(0.5), f"{name}_min": values.min()}
 
 
+@functools.cache
+def diverging_colors() -> torch.Tensor:
+    """matplotlib's RdBu_r colour table, (256, 3) RGB in [0, 1] (looked up once: the colormap call costs more than
+    the rest of an image)."""
+    from matplotlib import colormaps
+    return torch.from_numpy(colormaps["RdBu_r"](numpy.arange(256))[:, :3]).float()
+
+
 def column_norm_image(norms: torch.Tensor, secret: list[int], pixel: int = 4) -> torch.Tensor:
     """An RGB uint8 image (H, W, 3): rows = inputs (secret first, marked black on the left, then a black
     line), columns = evaluations. ``norms`` is (evaluations, n).
@@ -154,13 +162,11 @@ def column_norm_image(norms: torch.Tensor, secret: list[int], pixel: int = 4) ->
     Each column norm is shown relative to the median column at the same evaluation, on a diverging
     scale (blue below, white at, red above the median) that saturates at the largest deviation any
     non-secret input ever shows: a secret row turns full red once it stands out beyond that noise."""
-    from matplotlib import colormaps
-
     order = list(secret) + [i for i in range(norms.shape[1]) if i not in set(secret)]
     relative = (norms[:, order] / norms.median(dim=1, keepdim=True).values.clamp_min(1e-12) - 1).T.float()
     spread = relative[len(secret):].abs().max().clamp_min(1e-6) if len(order) > len(secret) else 1.0
     shade = (relative / (2 * spread) + 0.5).clamp(0, 1)
-    rgb = torch.from_numpy(colormaps["RdBu_r"](shade.cpu().numpy())[..., :3]).float()
+    rgb = diverging_colors()[(shade.cpu() * 256).long().clamp_(max=255)]  # as matplotlib maps floats to its table
     rgb = rgb.repeat_interleave(pixel, 0).repeat_interleave(pixel, 1)
     marker = torch.ones(rgb.shape[0], pixel, 3)
     marker[: len(secret) * pixel] = 0.0

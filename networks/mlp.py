@@ -28,14 +28,15 @@ class MLPEnsemble(nn.Module):
     def act(self, z: torch.Tensor) -> torch.Tensor:
         return z.relu() if self.activation == "relu" else z.sin() if self.activation == "sin" else z.pow(self.power)
 
-    def hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pre-activations z and activations h, (E, B, width), for inputs x (E, B, n)."""
-        z = torch.baddbmm(self.b1.unsqueeze(1), x, self.w1.transpose(1, 2))
-        return z, self.act(z)
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """w1 x + b1, (E, B, width), for inputs x (E, B, n)."""
+        return torch.bmm(x, self.w1.transpose(1, 2)).add_(self.b1.unsqueeze(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Outputs f (E, B) for inputs x (E, B, n)."""
-        _, h = self.hidden(x)  # w2 h^T, a row per member: far faster than h w2 as a batched matrix-vector product
+        z = self.pre_activations(x)
+        h = z.relu_() if self.activation == "relu" else self.act(z)  # in place: ReLU's backward needs only h
+        # w2 h^T, a row per member: far faster than h w2 as a batched matrix-vector product
         return torch.baddbmm(self.b2.view(-1, 1, 1), self.w2.unsqueeze(1), h.transpose(1, 2)).squeeze(1)
 
 

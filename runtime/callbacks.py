@@ -18,17 +18,26 @@ def log_evaluation(module: L.LightningModule, metrics: dict[str, float], step: i
     module.trainer.callback_metrics.update({name: torch.tensor(value) for name, value in values.items()})
 
 
-def log_training(module: L.LightningModule, metrics: dict[str, float], step: int) -> None:
-    """A batch's training metrics at SGD step ``step``, written as log_evaluation writes, and ``step`` in
-    callback_metrics (the step checkpoints record as logged). Not ``LightningModule.log``: it costs about a
-    millisecond a call (it moves its stored metric to the value's device each time), a fifth of a default batch."""
-    log_evaluation(module, metrics, step)
+LOSS_WINDOW = 100  # train/loss is the mean over each window of this many SGD steps, however long a batch is
+
+
+def log_training(module: L.LightningModule, losses: torch.Tensor, step: int,
+                 extra: dict[str, float] | None = None) -> None:
+    """A batch's per-step losses (steps, ...) ending at SGD step ``step``: train/loss, the mean of each window of
+    LOSS_WINDOW steps at the window's last step, written as log_evaluation writes; ``extra`` scalars at ``step``;
+    and ``step`` in callback_metrics (the step checkpoints record as logged). Not ``LightningModule.log``: it
+    costs about a millisecond a call (it moves its stored metric to the value's device each time)."""
+    first = step - losses.shape[0]
+    ends = [*range((first // LOSS_WINDOW + 1) * LOSS_WINDOW, step, LOSS_WINDOW), step]
+    for start, end in zip([first, *ends], ends):
+        log_evaluation(module, {"train/loss": losses[start - first:end - first].mean(),
+                                **((extra or {}) if end == step else {})}, end)
     module.trainer.callback_metrics["step"] = torch.tensor(float(step))
 
 
 class StepProgressBar(L.Callback):
     """One bar over SGD steps (not Lightning batches) with the metrics marked prog_bar."""
-    # Not Lightning's TQDMProgressBar: it counts batches per epoch, and here one infinite epoch's batch is ~100 steps.
+    # Not Lightning's TQDMProgressBar: it counts batches per epoch, and here one infinite epoch's batch is 100-500 steps.
 
     def __init__(self, solved_key: str = "eval/members_solved"):
         self.solved_key = solved_key

@@ -136,6 +136,20 @@ def test_member_stats_and_image_layout():
     assert input4[2][0] > 2 * input4[2][2]
 
 
+def test_image_colours_are_matplotlibs_diverging_map_of_each_shade():
+    from matplotlib import colormaps
+    norms = torch.rand(7, 9, generator=torch.Generator().manual_seed(3)) + 0.5
+    norms[2] = 1.0  # every input at the median: the centre of the map
+    secret = [6, 2]
+    image = column_norm_image(norms, secret, pixel=1)[:, 1:]  # past the marker column
+    order = secret + [i for i in range(9) if i not in secret]
+    relative = (norms[:, order] / norms.median(dim=1, keepdim=True).values - 1).T
+    shade = (relative / (2 * relative[len(secret):].abs().max()) + 0.5).clamp(0, 1)
+    expected = torch.from_numpy(colormaps["RdBu_r"](shade.numpy())[..., :3]).float().mul(255).round().to(torch.uint8)
+    expected[len(secret)] = 0  # the black line under the secret rows
+    assert torch.equal(image, expected)
+
+
 def test_a_run_logs_hidden_progress_that_ends_positive_when_solved(tmp_path):
     cfg = compose(["experiment=parity_mlp", "data.n=12", "data.k=3", "model.ensemble=3", "trainer.max_steps=1500",
                    "eval.every_n_steps=100", "checkpoint.every_n_steps=500", "trainer.progress_bar=false"])

@@ -133,3 +133,42 @@ def test_ddp_spawn_workers_are_quiet_and_their_figures_reach_the_summary(tmp_pat
     assert done.stderr.strip() == "", done.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["samples_per_s"] > 0 and summary["train_wall_s"] > 0 and summary["world_size"] == 2
+
+
+# --- steps per Lightning batch: a speed choice that changes nothing else --------------------------------
+def test_steps_per_batch_grows_only_where_a_step_s_data_is_small():
+    from config import batch_sizes
+    from datamodules import task_class
+    from datamodules.stream import steps_per_batch
+
+    def chosen(*overrides: str) -> int:
+        cfg = compose(list(overrides))
+        steps = steps_per_batch(cfg, 1, task_class(cfg.data.task).step_bytes(cfg))
+        assert batch_sizes(cfg)[0][1] == min(steps, cfg.trainer.max_steps)  # the memory check counts the same batch
+        return steps
+
+    assert chosen() == 500  # the default run: 32 x 50 inputs a step
+    assert chosen("eval.every_n_steps=700", "checkpoint.every_n_steps=7000") == 350  # largest divisor of the schedule
+    assert chosen("model.ensemble=64") == 100  # 64 members' data a step: the usual 100
+    assert chosen("experiment=cot_parity", "eval.every_n_steps=500", "data.batch_size=1024") == 100  # int64 tokens
+    assert chosen("trainer.steps_per_batch=250") == 250
+
+
+def test_a_long_batch_trains_and_logs_what_short_ones_do(tmp_path):
+    """The default run's 500-step batches against 100-step ones: the same weights, bit for bit, and train/loss
+    at the same steps (every 100) with the same values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    runs = {}
+    for steps in (0, 100):
+        run_dir = tmp_path / f"steps_per_batch_{steps}"
+        done = train(tmp_path, f"run_dir={run_dir}", "trainer.max_steps=1000", "eval.hidden_progress=false",
+                     f"trainer.steps_per_batch={steps}")
+        assert done.returncode == 0, done.stderr[-2000:]
+        events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
+        runs[steps] = (conftest.checkpoint(run_dir)["state_dict"],
+                       [(e.step, e.value) for e in events.Scalars("train/loss")])
+    (long_weights, long_losses), (short_weights, short_losses) = runs[0], runs[100]
+    for name in ("net.w1", "net.b1", "net.w2", "net.b2"):
+        assert torch.equal(long_weights[name], short_weights[name]), name
+    assert [step for step, _ in long_losses] == list(range(100, 1001, 100))
+    assert long_losses == short_losses

@@ -39,8 +39,9 @@ def synchronize(device: torch.device) -> None:
 
 
 def lightning_rate(steps: int, ensemble: int, threads: int, compile: bool, device: torch.device,
-                   end_to_end: bool = False) -> float:
-    """Member-steps/s of `python train.py` on the default experiment.
+                   end_to_end: bool = False) -> tuple[float, int]:
+    """Member-steps/s of `python train.py` on the default experiment, and the steps it ran (an ensemble stops
+    early once every member is solved).
 
     Step only (``end_to_end`` False): one evaluation, at the end, and summary.json's samples_per_s, timed from
     the end of the first batch (start-up excluded; the plain loop likewise starts its clock after building the
@@ -57,8 +58,8 @@ def lightning_rate(steps: int, ensemble: int, threads: int, compile: bool, devic
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
         summary = json.loads(Path(tmp, "run", "summary.json").read_text())
     if end_to_end:
-        return summary["steps"] * ensemble / summary["train_wall_s"]
-    return summary["samples_per_s"] / BATCH  # samples = steps x batch x members
+        return summary["steps"] * ensemble / summary["train_wall_s"], summary["steps"]
+    return summary["samples_per_s"] / BATCH, summary["steps"]  # samples = steps x batch x members
 
 
 def plain_rate(steps: int, with_data: bool, device: torch.device, n: int = 50, width: int = 100,
@@ -180,12 +181,14 @@ def main() -> None:
     # end to end: evaluations every 500 steps; seed 0's single model solves (50, 3) at step 5000, so 4000 steps
     # are never cut short; an ensemble may stop early once every member is solved (its rate counts the steps run)
     e2e_steps = 4000 if args.ensemble == 1 else lightning_steps
-    ours, ours_e2e, plain, plain_data = [], [], [], []
+    ours, ours_e2e, plain, plain_data, e2e_run = [], [], [], [], []
     for _ in range(args.repeats):  # interleaved, so drifting machine load hits all sides alike
         plain.append(plain_rate(args.steps, with_data=False, device=device))
         plain_data.append(plain_rate(args.steps, with_data=True, device=device))
-        ours.append(lightning_rate(lightning_steps, args.ensemble, args.threads, args.compile, device))
-        ours_e2e.append(lightning_rate(e2e_steps, args.ensemble, args.threads, args.compile, device, end_to_end=True))
+        ours.append(lightning_rate(lightning_steps, args.ensemble, args.threads, args.compile, device)[0])
+        rate, steps = lightning_rate(e2e_steps, args.ensemble, args.threads, args.compile, device, end_to_end=True)
+        ours_e2e.append(rate)
+        e2e_run.append(steps)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     result = {
         "device": gpu or platform.processor() or platform.machine(), "device_type": device.type, "cpu": cpu_name(),
@@ -194,6 +197,7 @@ def main() -> None:
         "plain_steps_per_s": statistics.median(plain), "plain_with_data_steps_per_s": statistics.median(plain_data),
         "train_py_member_steps_per_s": statistics.median(ours),
         "train_py_end_to_end_member_steps_per_s": statistics.median(ours_e2e), "end_to_end_steps": e2e_steps,
+        "end_to_end_steps_run": e2e_run,
     }
     result["ratio"] = result["train_py_member_steps_per_s"] / result["plain_steps_per_s"]
     result["ratio_with_data"] = result["train_py_member_steps_per_s"] / result["plain_with_data_steps_per_s"]
@@ -208,7 +212,7 @@ def main() -> None:
     print(f"  ratio to the loop with its data made up front {result['ratio']:6.2f}x")
     print(f"  ratio to the loop drawing its data            {result['ratio_with_data']:6.2f}x")
     print(f"  end to end (train_wall_s: evaluations every 500 steps with the hidden-progress measures, "
-          f"{e2e_steps} steps)")
+          f"{e2e_steps} steps, run: {', '.join(map(str, e2e_run))})")
     print(f"    train.py {result['train_py_end_to_end_member_steps_per_s']:10.0f} member-steps/s = "
           f"{result['ratio_end_to_end']:.2f}x the loop with its data made up front")
     if args.breakdown:

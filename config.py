@@ -71,7 +71,7 @@ class TrainerConfig:
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
-    steps_per_batch: int = 0  # SGD steps per Lightning batch; 0 = largest that fits the schedule (datamodules/stream.py)
+    steps_per_batch: int = 0  # SGD steps per Lightning batch; 0 = chosen to fit the schedule (datamodules/stream.py)
     progress_bar: bool = True
     cpu_threads: int = 1  # torch intra-op threads; small models run fastest on one, 0 = torch's default
     fail_at_step: int = 0  # fault drill (resume tests): SIGKILL the process at this step; 0 = off

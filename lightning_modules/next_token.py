@@ -116,7 +116,7 @@ class NextTokenModule(ModelFamily, L.LightningModule):
                 Term("training batch", [E, *batch_sizes(cfg), T], INDEX)]
 
     @staticmethod
-    def eval_chunk(cfg: Config, seq_len: int) -> tuple[str, int, str]:
+    def eval_chunk_term(cfg: Config, seq_len: int) -> tuple[str, int, str]:
         return "eval chunk", eval_chunk(seq_len, cfg.eval.size), "eval.size"
 
     def summary_fields(self) -> dict:
@@ -285,7 +285,8 @@ class TransformerLM(NextTokenModule):
             Term("weights, gradients and Adam state", [("4 x 12", 48, None), E, depth, D, D], FLOAT),
             Term("activations kept for the backward pass", [("16", 16, None), E, local, T, depth, D], FLOAT),
             Term("evaluation pass: KV cache and activations",
-                 [("2 x model.depth + 12", 2 * m.depth + 12, "model.depth"), cls.eval_chunk(cfg, T[1]), T, D], FLOAT)]
+                 [("2 x model.depth + 12", 2 * m.depth + 12, "model.depth"), cls.eval_chunk_term(cfg, T[1]), T, D],
+                 FLOAT)]
 
 
 class CausalLinearLM(NextTokenModule):
@@ -302,7 +303,8 @@ class CausalLinearLM(NextTokenModule):
             Term("CausalLinear blocks, gradient and Adam state", [("2", 2, None), E, T, T, vocab, out], FLOAT),
             Term("assembled CausalLinear matrices, their gradients and the generation cache's copy",
                  [("3", 3, None), E, T, T, vocab, out], FLOAT),
-            Term("evaluation pass: prefix sums and activations", [("5", 5, None), cls.eval_chunk(cfg, T[1]), T, out], FLOAT)]
+            Term("evaluation pass: prefix sums and activations",
+                 [("5", 5, None), cls.eval_chunk_term(cfg, T[1]), T, out], FLOAT)]
         if hasattr(cfg.model, "depth"):
             terms.append(Term("hidden activations", [("2", 2, None), E, batch_sizes(cfg)[1], T, out,
                                                      ("model.depth", cfg.model.depth, "model.depth")], FLOAT))

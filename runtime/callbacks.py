@@ -37,7 +37,7 @@ def log_training(module: L.LightningModule, losses: torch.Tensor, step: int,
 
 class StepProgressBar(L.Callback):
     """One bar over SGD steps (not Lightning batches) with the metrics marked prog_bar."""
-    # Not Lightning's TQDMProgressBar: it counts batches per epoch, and here one infinite epoch's batch is 100-500 steps.
+    # Not Lightning's TQDMProgressBar: it counts batches per epoch, and here one infinite epoch's batch is many steps.
 
     def __init__(self, solved_key: str = "eval/members_solved"):
         self.solved_key = solved_key

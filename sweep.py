@@ -42,8 +42,10 @@ from typing import Optional
 
 import numpy as np
 
-from config import Config, ConfigError, compose, footprint, to_yaml
-from datamodules import task_class
+import datamodules  # noqa: F401  (registers every task's declarations)
+import lightning_modules  # noqa: F401  (and every model family's)
+from config import Config, ConfigError, compose, task_class, to_yaml
+from runtime.memory import check_memory, footprint
 
 ROOT = Path(__file__).resolve().parent
 BOOTSTRAP = 2000
@@ -159,7 +161,9 @@ def make_cells(overrides: list[str], grid: dict[str, list[str]], linked: dict[st
         args = ["trainer.progress_bar=false", *overrides, *(f"{k}={v}" for k, v in values.items()),
                 f"run_dir={run_dir}", "resume=auto"]  # a cell stopped by a signal continues from its checkpoint
         try:
-            cfg = compose(args, machine)
+            cfg = compose(args)
+            if machine:
+                check_memory(cfg)
         except ConfigError as err:
             raise SweepError(f"cell {name}: {err}") from None
         cells.append(Cell(name, values, args, cfg, run_dir))
@@ -358,7 +362,7 @@ def summarize(finished: list[Outcome]) -> tuple[list[dict], list[dict]]:
                          "censored": int(not np.isfinite(step)), "budget": budget, "final_score": acc,
                          **{key: values[i] for key, values in extra.items()}})
         median, solved = float(np.median(steps)), int(np.isfinite(steps).sum())
-        table.append({"cell": cell.name, "values": cell.values, **task_class(cell.cfg.data.task)(cell.cfg).keys(),
+        table.append({"cell": cell.name, "values": cell.values, **task_class(cell.cfg.data.task).implementation()(cell.cfg).keys(),
                       "members": len(members), "solved": solved,
                       "success_probability": solved / len(members),
                       "success_ci95": list(clopper_pearson(solved, len(members))),

@@ -91,12 +91,13 @@ def plain_rate(steps: int, with_data: bool, device: torch.device, n: int = 50, w
 
 def breakdown(ensemble: int, device: torch.device, steps: int = 100, repeats: int = 5) -> dict[str, float]:
     """Member-steps/s of each part of an ensemble step (best of ``repeats`` runs of ``steps`` steps)."""
+    import datamodules, lightning_modules  # noqa: F401,E401  (register the tasks and model families)
     from config import compose
     from datamodules.parity import ParityTask
     from datamodules.stream import Ticket, pm1
     from lightning_modules import cuda_graph
     from lightning_modules.parity_mlp import ParityMLP
-    from runtime.lightning_adapter import UNCOUNTED
+    from lightning_modules.lightning_adapter import UNCOUNTED
 
     cfg = compose(["experiment=parity_mlp", f"model.ensemble={ensemble}"])
     data, model = ParityTask(cfg), ParityMLP(cfg).to(device)
@@ -119,7 +120,8 @@ def breakdown(ensemble: int, device: torch.device, steps: int = 100, repeats: in
             lambda: cuda_graph.plain_sgd_steps(graphed, batch.x, batch.y, lr, UNCOUNTED)
     else:
         compiled_cfg = compose(["experiment=parity_mlp", f"model.ensemble={ensemble}", "kernels.compile=true"])
-        compiled, compiled_model = ParityTask(compiled_cfg), ParityMLP(compiled_cfg)
+        compiled = ParityTask(compiled_cfg)
+        compiled_model = ParityMLP.build(compiled_cfg, compiled)  # the family hands the task kernels.compile
         parts["data generation, C++ (kernels.compile)"] = lambda: compiled.generate(ticket, device)
         parts["fused SGD step (train.py)"] = lambda: model.plain_sgd_steps(batch.x, batch.y, lr, UNCOUNTED)
         parts["fused SGD step, C++ (kernels.compile)"] = \

@@ -1,8 +1,11 @@
-"""Tasks: counter-based infinite streams, one registered class per ``data.task``."""
+"""Tasks: counter-based infinite streams, one registered task per pair of files.
+
+Importing this package registers every task's declarations (the ``*_config`` modules: no torch, no Lightning);
+a task's DataModule is imported when a run is built (``Problem.implementation``).
+"""
 import importlib
 import pkgutil
 
-from datamodules.task import TASKS, SequenceLayout, Task, register_task, task_class  # noqa: F401
-
-for _module in pkgutil.iter_modules(__path__):  # each module registers its task: a new file is all it takes
-    importlib.import_module(f"{__name__}.{_module.name}")
+for _module in pkgutil.iter_modules(__path__):  # a new *_config file registers its task: nothing else changes
+    if _module.name.endswith("_config"):
+        importlib.import_module(f"{__name__}.{_module.name}")

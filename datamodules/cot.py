@@ -22,9 +22,6 @@ the answer token only (the chain stays the noiseless one).
 """
 import torch
 
-VOCAB_SIZE = 3  # tokens 0 and 1 (bits), 2 (separator)
-CHAINS = ("none", "sequential", "tree", "gates")
-
 
 def tree_plan(k: int) -> list[tuple[int, int]]:
     """The tree's nodes in breadth-first order, as pairs of operand ids.
@@ -80,7 +77,3 @@ def completion(chain: str, secret_bits: torch.Tensor, stride: int = 1) -> torch.
         return prefix[..., -1:]
     return prefix[..., stride_ends(secret_bits.shape[-1], stride)]
 
-
-def chain_len(chain: str, k: int, stride: int = 1) -> int:
-    """Completion tokens (answer included) of a chain format."""
-    return {"none": 1, "sequential": -(-k // stride), "tree": max(k - 1, 1), "gates": 3 * k - 2}[chain]

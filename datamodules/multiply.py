@@ -35,41 +35,25 @@ lies on the stream's side of the split; candidate c takes a and b from words 2 (
 CANDIDATES at a time until one fits. So a sample is a pure function of (seed, stream, g), training
 never sees a held-out pair, and ranks slice the global batch as in datamodules/stream.py.
 """
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
-from config import Config, DataConfig, need
+from datamodules.multiply_config import ANSWER, EQUALS, PLUS, SUM, TIMES, MultiplyProblem
 from datamodules.stream import is_eval_stream, joined
-from datamodules.task import SequenceLayout, Task, register_task
+from datamodules.task import Task
 from kernels.philox import MASK32, philox4x32, split_seed
 
-TIMES, EQUALS, PLUS, SUM, ANSWER = 10, 11, 12, 13, 14  # tokens 0..9 are the digits
 OPEN, CLOSE = 15, 16  # the brackets of the malach chains
 PAIR = 17  # malach_joined: token PAIR + 10 i + j is the digit pair i x j
 SYMBOLS = list("0123456789*=+;>()") + [f"{i}x{j}" for i in range(10) for j in range(10)]
 SPLIT_STREAM = 0xFFFFFFFF  # counter word 3 of the split hash (sample streams are 0 and 1)
 CANDIDATES = 8  # pairs drawn per round; a sample whose 8 all miss its side draws 8 more
-MAX_DIGITS = 9  # a and b fit one 32-bit word, a * b fits int64
-VOCAB_SIZES = {"none": 15, "sequential": 15, "malach": 17, "malach_joined": 117}  # tokens a chain can use
-CHAINS = tuple(VOCAB_SIZES)
-
-
-@dataclass
-class MultiplyConfig(DataConfig):
-    format: ClassVar[str] = "sequence"
-    task: str = "multiply"
-    digits: int = 2  # d: operands are d-digit numbers
-    chain: str = "none"  # none | sequential | malach | malach_joined
-
 
 def held_out(seed: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Whether each pair (a, b) is in the held-out quarter of the operand space (bool, a's shape)."""
     key0, key1 = split_seed(seed)
     word = philox4x32(a, b, torch.zeros_like(a), torch.full_like(a, SPLIT_STREAM), key0, key1)[0]
     return (word >> 30) == 3
-
 
 def operands(seed: int, start: int, count: int, stream: int, digits: int, held: bool,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,18 +81,15 @@ def operands(seed: int, start: int, count: int, stream: int, digits: int, held: 
         round_ += 1
     return a, b
 
-
 def digits_of(x: torch.Tensor, width: int, msb_first: bool) -> torch.Tensor:
     """The decimal digits of x (count,) zero-padded to ``width``, int64 (count, width)."""
     powers = torch.tensor([10 ** i for i in range(width)], dtype=torch.int64, device=x.device)
     out = (x[:, None] // powers) % 10
     return out.flip(1) if msb_first else out
 
-
 def mark(token: int, count: int, device: torch.device) -> torch.Tensor:
     """The token repeated down a column, int64 (count, 1)."""
     return torch.full((count, 1), token, dtype=torch.int64, device=device)
-
 
 def power_of_ten(exponent: int, count: int, device: torch.device) -> torch.Tensor:
     """10^exponent written as a number, ``1 0 .. 0``, int64 (count, exponent + 1)."""
@@ -116,14 +97,12 @@ def power_of_ten(exponent: int, count: int, device: torch.device) -> torch.Tenso
     digits[:, 0] = 1
     return digits
 
-
 def joined_by(parts: list[torch.Tensor], token: int) -> list[torch.Tensor]:
     """The parts with a ``token`` column between consecutive ones."""
     out = []
     for i, part in enumerate(parts):
         out += [mark(token, part.shape[0], part.device), part] if i else [part]
     return out
-
 
 def malach_chain(a: torch.Tensor, b: torch.Tensor, digits: int, joined_pairs: bool) -> list[torch.Tensor]:
     """The columns of a malach chain (module docstring), from the first ``(`` to the ``=`` before the answer."""
@@ -147,7 +126,6 @@ def malach_chain(a: torch.Tensor, b: torch.Tensor, digits: int, joined_pairs: bo
     return [*expansion(a_digits), mark(TIMES, count, device), *expansion(b_digits), equals,
             *joined_by(terms, PLUS), equals, *joined_by(values, PLUS), equals]
 
-
 def sequential_chain(a: torch.Tensor, b: torch.Tensor, digits: int) -> list[torch.Tensor]:
     """The columns of a sequential chain (module docstring), from the first partial product to ``>``."""
     count, device = a.numel(), a.device
@@ -157,7 +135,6 @@ def sequential_chain(a: torch.Tensor, b: torch.Tensor, digits: int) -> list[torc
     for j in range(1, digits):
         parts += [mark(SUM, count, device), digits_of(a * (b % 10 ** (j + 1)), 2 * digits, False)]
     return parts + [mark(ANSWER, count, device)]
-
 
 def sequences(a: torch.Tensor, b: torch.Tensor, digits: int, chain: str) -> torch.Tensor:
     """The token sequences (count, seq_len) of the products a * b in the format of the module docstring."""
@@ -171,29 +148,11 @@ def sequences(a: torch.Tensor, b: torch.Tensor, digits: int, chain: str) -> torc
     parts.append(digits_of(a * b, 2 * digits, True))
     return torch.cat(parts, dim=1)
 
-
 def render(tokens: torch.Tensor) -> str:
     """A sequence (seq_len,) as text, e.g. ``12*34=8400+0630;8040>0408`` (a joined digit pair as ``ixj``)."""
     return "".join(SYMBOLS[t] for t in tokens.tolist())
 
-
-@register_task("multiply")
-class MultiplyTask(Task):
-    size_key = "data.digits"
-    configs = {"sequence": MultiplyConfig}
-
-    @classmethod
-    def validate(cls, cfg: Config) -> None:
-        d = cfg.data
-        need(1 <= d.digits <= MAX_DIGITS, "data.digits", f"must be in [1, {MAX_DIGITS}], got {d.digits}")
-        need(d.chain in CHAINS, "data.chain", f"{d.chain!r} is not one of {', '.join(CHAINS)}")
-
-    @classmethod
-    def layout(cls, data: MultiplyConfig) -> SequenceLayout:
-        one = torch.ones(1, dtype=torch.int64)
-        seq_len = sequences(one, one, data.digits, data.chain).shape[1]
-        return SequenceLayout(VOCAB_SIZES[data.chain], 2 * data.digits + 2, seq_len, 2 * data.digits)
-
+class MultiplyTask(MultiplyProblem, Task):
     def sample(self, start: int, count: int, stream: int, device: torch.device) -> torch.Tensor:
         """Samples [start, start + count) of ``stream`` (train or eval side of the split), (count, seq_len)."""
         d = self.cfg.data

@@ -6,33 +6,15 @@ ensemble member; sequence models get ``x_1 .. x_n, SEP, chain`` tokens (datamodu
 by ``kernels.sparse_parity``: a pure function of (seed, stream, sample index), sliced across ranks
 (datamodules/stream.py).
 """
-from dataclasses import dataclass
-from typing import ClassVar, Optional
-
 import torch
 
-from config import Config, ConfigError, DataConfig, need
-from datamodules.cot import CHAINS, VOCAB_SIZE, chain_len, completion
+from config import Config
+from datamodules.cot import completion
+from datamodules.parity_config import ParityProblem
 from datamodules.stream import ClassifierBatch, SequenceBatch, Ticket, is_eval_stream, joined, pm1, train_stream
-from datamodules.task import SequenceLayout, Task, register_task
+from datamodules.task import Task
 from kernels import sparse_parity
 from kernels.sparse_parity import on_device
-
-
-@dataclass
-class ParityConfig(DataConfig):
-    format: ClassVar[str] = "classifier"
-    n: int = 50
-    k: int = 3
-    noise: float = 0.0  # probability that a training label is flipped
-    secret: Optional[list[int]] = None  # default: drawn from the seed
-
-
-@dataclass
-class ParityChainConfig(ParityConfig):
-    format: ClassVar[str] = "sequence"
-    chain: str = "none"  # none | sequential | tree | gates: the intermediate steps before the answer
-    chain_stride: int = 1  # sequential chain: secret bits folded into each token
 
 
 def secret_for(seed: int, n: int, k: int) -> list[int]:
@@ -41,39 +23,11 @@ def secret_for(seed: int, n: int, k: int) -> list[int]:
     return torch.randperm(n, generator=generator)[:k].tolist()
 
 
-@register_task("parity")
-class ParityTask(Task):
-    size_key = "data.n"
-    configs = {"classifier": ParityConfig, "sequence": ParityChainConfig}
-
+class ParityTask(ParityProblem, Task):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         d = cfg.data
         self._secret = list(d.secret) if d.secret is not None else secret_for(cfg.seed, d.n, d.k)
-
-    @classmethod
-    def validate(cls, cfg: Config) -> None:
-        d = cfg.data
-        need(d.n >= 1, "data.n", f"must be >= 1, got {d.n}")
-        need(d.k >= 1, "data.k", f"must be >= 1, got {d.k}")
-        need(d.k <= d.n, "data.k", f"must be <= data.n ({d.n}), got {d.k}")
-        need(0.0 <= d.noise < 0.5, "data.noise", f"must be in [0, 0.5), got {d.noise}")  # nan fails too
-        if d.secret is not None:
-            need(len(d.secret) == d.k and len(set(d.secret)) == d.k and all(0 <= i < d.n for i in d.secret),
-                 "data.secret", f"must be {d.k} distinct indices in [0, {d.n}), got {list(d.secret)}")
-        if d.format == "sequence":
-            need(d.chain in CHAINS, "data.chain", f"{d.chain!r} is not one of {', '.join(CHAINS)}")
-            need(d.chain_stride >= 1, "data.chain_stride", f"must be >= 1, got {d.chain_stride}")
-            need(d.chain_stride == 1 or d.chain == "sequential", "data.chain_stride",
-                 f"applies to data.chain=sequential only, got {d.chain_stride} with data.chain={d.chain}")
-
-    @classmethod
-    def input_size(cls, data: ParityConfig) -> int:
-        return data.n
-
-    @classmethod
-    def layout(cls, data: ParityChainConfig) -> SequenceLayout:
-        return SequenceLayout(VOCAB_SIZE, data.n + 1, data.n + 1 + chain_len(data.chain, data.k, data.chain_stride), 1)
 
     @property
     def secret(self) -> list[int]:
@@ -105,7 +59,7 @@ class ParityTask(Task):
         def draw(start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
             x, y, _ = sparse_parity(self.cfg.seed, start, count, d.n, secret, stream=stream_ids,
                                     noise=d.noise, backend=self.cfg.kernels.backend, device=device,
-                                    layout=layout, compile=self.cfg.kernels.compile)
+                                    layout=layout, compile=self.compiled)
             return x, pm1(y)
 
         xs, ys = zip(*(draw(start, count) for start, count in ranges))
@@ -138,5 +92,5 @@ class ParityTask(Task):
         secret, stream_ids = self.device_args(streams, device)
         x, y, _ = sparse_parity(self.cfg.seed, start, count, d.n, secret, stream=stream_ids,
                                 noise=self.noise(streams[0]), backend=self.cfg.kernels.backend, device=device,
-                                layout="pm1", compile=self.cfg.kernels.compile)
+                                layout="pm1", compile=self.compiled)
         return x, y

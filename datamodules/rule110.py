@@ -30,34 +30,17 @@ W = ceil(w / 128) calls per candidate, CANDIDATES candidates at a time until one
 pure function of (seed, stream, g), training never sees a held-out cone, and the answer of every
 evaluation sample is a function of a pattern no training sample had.
 """
-from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 
-from config import Config, DataConfig, need
+from datamodules.rule110_config import ANSWER, EQUALS, Rule110Problem
 from datamodules.stream import is_eval_stream
-from datamodules.task import SequenceLayout, Task, register_task
+from datamodules.task import Task
 from kernels.philox import MASK32, philox4x32, split_seed
 
 RULE = 110
-EQUALS, ANSWER = 2, 3  # tokens 0 and 1 are the cells
-VOCAB_SIZE = 4
 SYMBOLS = "01=>"
 SPLIT_STREAM = 0xFFFFFFFF  # counter word 3 of the split hash (sample streams are 0 and 1)
 CANDIDATES = 8  # rings drawn per round; a sample whose 8 all miss its side draws 8 more
-MAX_GENERATIONS = 31  # a cone pattern (2T + 1 bits) fits two 32-bit counter words
-MAX_CELLS = 4096
-CHAINS = ("none", "trace", "rows")
-
-
-@dataclass
-class Rule110Config(DataConfig):
-    format: ClassVar[str] = "sequence"
-    task: str = "rule110"
-    cells: int = 17  # w: cells of the ring
-    generations: int = 8  # T: steps of Rule 110 (summary.json's ``steps`` counts SGD steps)
-    chain: str = "none"  # none | trace | rows
 
 
 def step_ring(rows: torch.Tensor) -> torch.Tensor:
@@ -146,26 +129,7 @@ def render(tokens: torch.Tensor) -> str:
     return "".join(SYMBOLS[t] for t in tokens.tolist())
 
 
-@register_task("rule110")
-class Rule110Task(Task):
-    size_key = "data.cells"
-    configs = {"sequence": Rule110Config}
-
-    @classmethod
-    def validate(cls, cfg: Config) -> None:
-        d = cfg.data
-        need(1 <= d.generations <= MAX_GENERATIONS, "data.generations",
-             f"must be in [1, {MAX_GENERATIONS}], got {d.generations}")
-        need(2 * d.generations + 1 <= d.cells <= MAX_CELLS, "data.cells",
-             f"must be in [2 data.generations + 1 = {2 * d.generations + 1}, {MAX_CELLS}] "
-             f"(the light cone must not wrap), got {d.cells}")
-        need(d.chain in CHAINS, "data.chain", f"{d.chain!r} is not one of {', '.join(CHAINS)}")
-
-    @classmethod
-    def layout(cls, data: Rule110Config) -> SequenceLayout:
-        completion = {"none": 1, "trace": data.generations ** 2, "rows": data.generations * data.cells + 2}[data.chain]
-        return SequenceLayout(VOCAB_SIZE, data.cells + 1, data.cells + 1 + completion, 1)
-
+class Rule110Task(Rule110Problem, Task):
     def sample(self, start: int, count: int, stream: int, device: torch.device) -> torch.Tensor:
         """Samples [start, start + count) of ``stream`` (train or eval side of the split), (count, seq_len)."""
         d = self.cfg.data

@@ -10,25 +10,15 @@ The monomials are orthonormal under the uniform distribution, so E f = 0 and Var
 learned with square loss (``model.loss=square``); a member is solved when its held-out mean squared error
 is at most ``SOLVED_RELATIVE_MSE`` of Var f. Inputs come from the parity task's Philox bit stream.
 """
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
-from config import Config, DataConfig, need
+from config import Config
 from datamodules.parity import secret_for
-from datamodules.task import Task, register_task
+from datamodules.staircase_config import StaircaseProblem
+from datamodules.task import Task
 from kernels import sparse_parity
 
 SOLVED_RELATIVE_MSE = 0.02  # solved: held-out MSE <= 2% of Var f
-
-
-@dataclass
-class StaircaseConfig(DataConfig):
-    task: str = "staircase"
-    n: int = 50
-    k: int = 5
-    secret: Optional[list[int]] = None  # the staircase's order; default: drawn from the seed
 
 
 def staircase(x: torch.Tensor, secret: list[int]) -> torch.Tensor:
@@ -36,30 +26,11 @@ def staircase(x: torch.Tensor, secret: list[int]) -> torch.Tensor:
     return x[..., secret].cumprod(-1).sum(-1)
 
 
-@register_task("staircase")
-class StaircaseTask(Task):
-    size_key = "data.n"
-    configs = {"classifier": StaircaseConfig}
-    regression = True
-    score_name = "relative_mse"
-
+class StaircaseTask(StaircaseProblem, Task):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         d = cfg.data
         self._secret = list(d.secret) if d.secret is not None else secret_for(cfg.seed, d.n, d.k)
-
-    @classmethod
-    def validate(cls, cfg: Config) -> None:
-        d = cfg.data
-        need(d.n >= 1, "data.n", f"must be >= 1, got {d.n}")
-        need(1 <= d.k <= d.n, "data.k", f"must be in [1, data.n ({d.n})], got {d.k}")
-        if d.secret is not None:
-            need(len(d.secret) == d.k and len(set(d.secret)) == d.k and all(0 <= i < d.n for i in d.secret),
-                 "data.secret", f"must be {d.k} distinct indices in [0, {d.n}), got {list(d.secret)}")
-
-    @classmethod
-    def input_size(cls, data: StaircaseConfig) -> int:
-        return data.n
 
     @property
     def secret(self) -> list[int]:

@@ -8,12 +8,12 @@ so no training sample is ever an evaluation sample.
 """
 import math
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from config import Config
+from config import Config, requested_world_size, task_class
 
 
 def train_stream(member: int) -> int:
@@ -98,6 +98,15 @@ def steps_per_batch(cfg: Config, world_size: int, step_bytes: int) -> int:
     every = math.gcd(cfg.eval.every_n_steps, cfg.checkpoint.every_n_steps)
     cap = max(STEPS_PER_BATCH, min(SMALL_STEPS_PER_BATCH, SMALL_BATCH_BYTES // max(1, step_bytes)))
     return max(d for d in range(1, min(every, cap) + 1) if every % d == 0)
+
+
+def batch_sizes(cfg: Config) -> tuple[tuple[str, int, Optional[str]], tuple[str, int, Optional[str]]]:
+    """(steps per Lightning batch, local batch size) as memory-footprint sizes (lightning_modules/family.py Term)."""
+    d, t = cfg.data, cfg.trainer
+    world = requested_world_size(cfg) or 1
+    steps = min(steps_per_batch(cfg, world, task_class(d.task).step_bytes(cfg)), t.max_steps)
+    return ("steps per batch", steps, "trainer.steps_per_batch"), ("data.batch_size", max(1, d.batch_size // world),
+                                                                   "data.batch_size")
 
 
 def ticket_ranges(ticket: Ticket, batch: int) -> list[tuple[int, int]]:

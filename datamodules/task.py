@@ -1,50 +1,25 @@
-"""A task: one registered DataModule class that owns its config section, checks, identity and batches.
+"""A task's DataModule: the instance side of a ``Problem`` (datamodules/problem.py), which makes its batches.
 
-To add a task, write one file under datamodules/ with a ``Task`` subclass decorated by
-``@register_task("name")`` (docs/extending.md). train.py, eval.py, the summary, TensorBoard's hparams
-and the resume check reach tasks only through this interface.
+train.py, eval.py, the summary, TensorBoard's hparams and the resume check reach tasks only through this
+interface and the Problem's.
 """
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Optional
+from dataclasses import fields
+from typing import Any, Optional
 
 import lightning as L
 import torch
 
-from config import Config, DataConfig
+from config import Config
+from datamodules.problem import Problem
 from datamodules.stream import (ClassifierBatch, SequenceBatch, Ticket, eval_stream, joined, member_ids, ticket_loader,
                                 ticket_ranges, train_stream)
 
-TASKS: dict[str, type["Task"]] = {}
 
+class Task(Problem, L.LightningDataModule):
+    """Base of every task's DataModule; a task derives from its Problem and this."""
 
-def register_task(name: str):
-    """Class decorator: the task ``data.task=name``."""
-    def register(cls: type["Task"]) -> type["Task"]:
-        cls.name = name
-        TASKS[name] = cls
-        return cls
-    return register
-
-
-@dataclass(frozen=True)
-class SequenceLayout:
-    """How a sequence task writes a sample: tokens [0, prompt_len) are given, the rest is the completion,
-    whose last ``answer_len`` tokens are the answer."""
-    vocab_size: int
-    prompt_len: int
-    seq_len: int
-    answer_len: int
-
-
-class Task(L.LightningDataModule):
-    """Base of every task. ``configs`` maps each batch format the task serves ("classifier": inputs and
-    labels; "sequence": prompt, chain and answer tokens) to the dataclass of its ``data`` section."""
-
-    name: ClassVar[str]
-    configs: ClassVar[dict[str, type[DataConfig]]]
-    size_key: ClassVar[str]  # the key that sizes a sample (blamed when a run would not fit in memory)
-    regression: ClassVar[bool] = False  # classifier format: real targets (square loss) instead of +/-1 labels
-    score_name: ClassVar[str] = "accuracy"  # what ``score`` measures: summary.json's final_<score_name>
+    compiled = False  # make samples with the C++ kernels where the task has them: a model family declaring
+    # kernels.compile sets it (build)
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -56,21 +31,6 @@ class Task(L.LightningDataModule):
             layout = self.layout(cfg.data)
             self.vocab_size, self.prompt_len = layout.vocab_size, layout.prompt_len
             self.seq_len, self.answer_len = layout.seq_len, layout.answer_len
-
-    # --- the config section -------------------------------------------------------------------
-    @classmethod
-    def validate(cls, cfg: Config) -> None:
-        """Refuse impossible values of the task's keys (ConfigError naming the key)."""
-
-    @classmethod
-    def input_size(cls, data: DataConfig) -> int:
-        """Classifier format: input coordinates per sample."""
-        raise NotImplementedError
-
-    @classmethod
-    def layout(cls, data: DataConfig) -> SequenceLayout:
-        """Sequence format: the token layout of a sample."""
-        raise NotImplementedError
 
     # --- what a run records ---------------------------------------------------------------------
     def keys(self) -> dict[str, Any]:
@@ -94,13 +54,6 @@ class Task(L.LightningDataModule):
         return None
 
     # --- batches ----------------------------------------------------------------------------------
-    @classmethod
-    def step_bytes(cls, cfg: Config) -> int:
-        """Bytes of one SGD step's training data, all members: +/-1 floats (the widest form) or int64 tokens."""
-        data, members = cfg.data, cfg.model.ensemble
-        per_sample = cls.layout(data).seq_len * 8 if data.format == "sequence" else cls.input_size(data) * 4
-        return members * data.batch_size * per_sample
-
     def train_dataloader(self):
         return ticket_loader(self.trainer, self.cfg, self.step_bytes(self.cfg))
 
@@ -149,9 +102,3 @@ class Task(L.LightningDataModule):
         accuracy = (f * y > 0).float().mean(1)
         return accuracy, accuracy == 1.0
 
-
-def task_class(name: str) -> type[Task]:
-    from config import ConfigError
-    if name not in TASKS:
-        raise ConfigError(f"data.task: unknown task {name!r} (known: {', '.join(sorted(TASKS))})")
-    return TASKS[name]

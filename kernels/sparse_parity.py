@@ -15,9 +15,9 @@ import torch
 
 from kernels.dispatch import resolve_backend
 from kernels.philox import MASK32, philox4x32, split_seed
+from kernels.tokens import SEPARATOR
 
 NOISE_WORD = 0xFFFFFFFF
-SEPARATOR = 2  # token id between the bits and the chain in the "tokens" layout
 LAYOUTS = ("bits", "pm1", "tokens")
 
 IntOrInts = int | Sequence[int] | torch.Tensor

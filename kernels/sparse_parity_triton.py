@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.sparse_parity import SEPARATOR
+from kernels.tokens import SEPARATOR
 
 LAYOUT_IDS = {"bits": 0, "pm1": 1, "tokens": 2}
 TILE = 4096  # elements per program tile (rows x bits)

@@ -1,8 +1,8 @@
-"""Model families: the LightningModules that train the networks of networks/, one registered class each."""
+"""Model families: what each declares (the ``*_config`` modules: no torch, no Lightning) and the LightningModules
+that train the networks of networks/, imported when a run is built (``ModelFamily.implementation``)."""
 import importlib
 import pkgutil
 
-from lightning_modules.family import MODELS, ModelFamily, model_family, register_model  # noqa: F401
-
-for _module in pkgutil.iter_modules(__path__):  # each module registers its families: a new file is all it takes
-    importlib.import_module(f"{__name__}.{_module.name}")
+for _module in pkgutil.iter_modules(__path__):  # a new *_config file registers its families: nothing else changes
+    if _module.name.endswith("_config"):
+        importlib.import_module(f"{__name__}.{_module.name}")

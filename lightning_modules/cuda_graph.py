@@ -17,8 +17,8 @@ stream ids to the device (a host-to-device copy, which a capture refuses).
 """
 import torch
 
-from runtime import stopping
-from runtime.lightning_adapter import UNCOUNTED, StepCounter, count_steps
+from lightning_modules import stopping
+from lightning_modules.lightning_adapter import UNCOUNTED, StepCounter, count_steps
 
 ENABLED = True  # the CUDA-graph path for CUDA tensors; False: the eager step everywhere
 MAX_GRAPHS = 4  # keys kept per model: a run sees one or two (full batches, a shorter last one)

@@ -1,16 +1,29 @@
-"""A model family: one registered LightningModule class that owns its config section and network.
+"""A model family: what it declares (this class, read when a command line is checked) and the LightningModule
+that trains its network (imported only when a run is built).
 
-To add a model, write a LightningModule that also derives from ``ModelFamily`` and decorate it with
-``@register_model("name")`` (or ``register_model("name", kind=...)`` for one architecture of a family
-selected by ``model.kind``); docs/extending.md walks through it. train.py, eval.py, the summary and the
-memory check reach models only through this interface.
+To add a model, declare a ``ModelFamily`` subclass with ``@register_model("name")`` (or
+``register_model("name", kind=...)`` for one architecture of a family selected by ``model.kind``) in a
+``*_config.py`` file of this package, and write its LightningModule, deriving from that class, in another;
+``module`` names it. docs/extending.md walks through it. Nothing here imports torch or Lightning.
 """
-from typing import Any, ClassVar, Optional
+import importlib
+import math
+from typing import Any, ClassVar, NamedTuple, Optional
 
-from config import Config, ConfigError, ModelConfig, Term
+from config import DEFAULT_KINDS, MODELS, Config, ModelConfig
 
-MODELS: dict[str, type["ModelFamily"]] = {}
-DEFAULT_KINDS: dict[str, str] = {}  # model.name -> the kind it means when model.kind is not given
+FLOAT, INDEX = 4, 8  # bytes of a float32 and of an int64 token
+
+
+class Term(NamedTuple):
+    """A tensor (or a few alike) a run holds: ``bytes_each`` times the product of ``sizes`` (runtime/memory.py)."""
+    what: str
+    sizes: list[tuple[str, int, Optional[str]]]  # (shown as, size, config key blamed for it or None)
+    bytes_each: int
+
+    @property
+    def bytes(self) -> int:
+        return math.prod(size for _, size, _ in self.sizes) * self.bytes_each
 
 
 def register_model(name: str, kind: Optional[str] = None, default: bool = False):
@@ -25,20 +38,34 @@ def register_model(name: str, kind: Optional[str] = None, default: bool = False)
 
 
 class ModelFamily:
-    """The class-level interface of a model family (mixed into its LightningModule)."""
+    """The class-level interface of a model family (its LightningModule derives from it)."""
 
     key: ClassVar[str]
-    format: ClassVar[str]  # the batch format it trains on: classifier | sequence (datamodules/task.py)
-    Config: ClassVar[type[ModelConfig]]
+    module: ClassVar[str]  # "package.module:Class", the LightningModule that trains the family's network
+    format: ClassVar[str]  # the batch format it trains on: classifier | sequence (datamodules/problem.py)
+    Config: ClassVar[type[ModelConfig]]  # its model section: must default name (and kind) to its registered key
     sections: ClassVar[dict[str, type]] = {}  # extended shared sections, e.g. {"eval": ...}: keys only it uses
+
+    @classmethod
+    def sections_for(cls, task) -> dict[str, type]:
+        """The extended sections a run on ``task`` (a registered Problem) has: keys that do not apply to a task
+        are left out, so they are refused there."""
+        return cls.sections
 
     @classmethod
     def validate(cls, cfg: Config, given: set[str]) -> None:
         """Refuse impossible values of the family's keys; ``given``: keys set on the command line."""
 
     @classmethod
+    def implementation(cls) -> type:
+        """The LightningModule class named by ``module``."""
+        path, _, name = cls.module.partition(":")
+        return getattr(importlib.import_module(path), name)
+
+    # --- what the LightningModule defines -------------------------------------------------------
+    @classmethod
     def footprint(cls, cfg: Config, task) -> list[Term]:
-        """The largest tensors a process holds (config.check_memory)."""
+        """The largest tensors a process holds (runtime/memory.py)."""
         return []
 
     @classmethod
@@ -61,20 +88,3 @@ class ModelFamily:
     def hparam_fields(self) -> dict[str, Any]:
         """TensorBoard hparams of the model (scalars and strings only)."""
         return {}
-
-
-def model_family(model: Any) -> type[ModelFamily]:
-    """The family of a ``model`` section (dataclass, DictConfig or dict): model.name, then model.kind."""
-    get = model.get if hasattr(model, "get") else lambda key, default=None: getattr(model, key, default)
-    name = get("name", "mlp")
-    if name in DEFAULT_KINDS:
-        kind = get("kind", None) or DEFAULT_KINDS[name]
-        kinds = sorted(key.split("/", 1)[1] for key in MODELS if key.startswith(f"{name}/"))
-        if f"{name}/{kind}" not in MODELS:
-            raise ConfigError(f"model.kind: {kind!r} is not one of {', '.join(kinds)}")
-        return MODELS[f"{name}/{kind}"]
-    if name not in MODELS:
-        names = sorted({key.split("/")[0] for key in MODELS})
-        raise ConfigError(f"model.name: {name!r} is not one of {', '.join(names)}")
-    return MODELS[name]
-

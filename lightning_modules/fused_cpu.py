@@ -12,7 +12,7 @@ cached across runs); ``kernels.compile=true`` turns it on.
 import torch
 
 from kernels.cpp import build
-from runtime import stopping
+from lightning_modules import stopping
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -100,7 +100,7 @@ def plain_sgd_steps(ext, first: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
     for j, (x_j, y_j) in enumerate(zip(xs.unbind(1), ys.unbind(1))):
         ext.bits_to_pm1(x_j, x)
         torch.bmm(x, first, out=z)
-        count.before()  # Lightning counts the step (runtime/lightning_adapter.py)
+        count.before()  # Lightning counts the step (lightning_modules/lightning_adapter.py)
         ext.hinge_relu_step(z, w2, b2, y_j, slack[j], z, -1.0 / batch, lr)
         first.baddbmm_(x_t, z, alpha=-lr)
         count.after()

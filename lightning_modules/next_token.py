@@ -21,17 +21,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import FLOAT, INDEX, Config, Term, batch_sizes, eval_chunk, need
-from datamodules.stream import member_ids
-from lightning_modules.family import ModelFamily, model_family, register_model
-from networks.autoregressive import LinearConfig, NextTokenMLPConfig, linear_next_token, mlp_next_token
-from networks.transformer import CoTTransformer, TransformerConfig
+from config import Config, model_family
+from datamodules.stream import batch_sizes, member_ids
+from lightning_modules import stopping
+from lightning_modules.family import FLOAT, INDEX, Term
+from lightning_modules.logs import log_evaluation, log_training
+from lightning_modules.next_token_config import LinearFamily, MLPNextTokenFamily, NextTokenFamily, TransformerFamily
 from lightning_modules.optimizers import lightning_optimizers, optimizer
-from runtime import stopping
-from runtime.callbacks import log_evaluation, log_training
+from networks.autoregressive import linear_next_token, mlp_next_token
+from networks.transformer import CoTTransformer
 
-POSITIONALS = ("learned", "rope", "none")
-STREAM_IDS = 2**32  # a stream id is a 32-bit counter word; member m uses streams 2m and 2m + 1
+EVAL_CHUNK = 2048  # held-out sequences per forward pass of a next-token evaluation, up to 48 tokens each
+EVAL_CHUNK_TOKENS = EVAL_CHUNK * 48  # and at most this many tokens per pass for longer sequences
+
+
+def eval_chunk(seq_len: int, size: int) -> int:
+    """Held-out sequences per evaluation forward pass."""
+    return max(1, min(EVAL_CHUNK, EVAL_CHUNK_TOKENS // seq_len, size))
 
 
 def member_seed(seed: int, member: int) -> int:
@@ -48,7 +54,7 @@ def make_backbone(cfg: Config, vocab_size: int, seq_len: int, member: int | None
     (seed, member) alone (not the global RNG's state)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(member_seed(cfg.seed, cfg.model.member_offset if member is None else member))
-        return model_family(cfg.model).network(cfg, vocab_size, seq_len)
+        return model_family(cfg.model).implementation().network(cfg, vocab_size, seq_len)
 
 
 def completion_loss(logits: torch.Tensor, tokens: torch.Tensor, prompt_len: int) -> torch.Tensor:
@@ -80,9 +86,8 @@ def teacher_forced_and_greedy(backbone: nn.Module, sequences: torch.Tensor, prom
     return logits, torch.stack(out, 1)
 
 
-class NextTokenModule(ModelFamily, L.LightningModule):
-    """Trains a next-token network; each family below names its network and config."""
-    format = "sequence"
+class NextTokenModule(NextTokenFamily, L.LightningModule):
+    """Trains a next-token network; each family below names its network."""
 
     @staticmethod
     def network(cfg: Config, vocab_size: int, seq_len: int) -> nn.Module:
@@ -92,16 +97,6 @@ class NextTokenModule(ModelFamily, L.LightningModule):
     def build(cls, cfg: Config, task) -> "NextTokenModule":
         backbones = [make_backbone(cfg, task.vocab_size, task.seq_len, m) for m in member_ids(cfg)]
         return cls(cfg, backbones, task.prompt_len, task.seq_len, task.answer_len)
-
-    @classmethod
-    def validate(cls, cfg: Config, given: set[str]) -> None:
-        m = cfg.model
-        need(m.ensemble >= 1, "model.ensemble", f"must be >= 1, got {m.ensemble}")
-        need(m.member_offset >= 0, "model.member_offset", f"must be >= 0, got {m.member_offset}")
-        need(m.member_offset + m.ensemble <= STREAM_IDS // 2, "model.member_offset",
-             f"members [{m.member_offset}, {m.member_offset + m.ensemble}) need stream ids up to "
-             f"{2 * (m.member_offset + m.ensemble) - 1}, past 2**32 - 1: model.member_offset + model.ensemble "
-             f"must be <= 2**31")
 
     @staticmethod
     def members_size(cfg: Config) -> tuple[str, int, str]:
@@ -256,25 +251,11 @@ class NextTokenModule(ModelFamily, L.LightningModule):
         return out
 
 
-@register_model("next_token", kind="transformer", default=True)
-class TransformerLM(NextTokenModule):
-    Config = TransformerConfig
-
+class TransformerLM(TransformerFamily, NextTokenModule):
     @staticmethod
     def network(cfg: Config, vocab_size: int, seq_len: int) -> nn.Module:
-        return CoTTransformer(cfg.model, vocab_size, seq_len, backend=cfg.kernels.backend)
-
-    @classmethod
-    def validate(cls, cfg: Config, given: set[str]) -> None:
-        super().validate(cfg, given)
         m = cfg.model
-        need(m.positional in POSITIONALS, "model.positional", f"{m.positional!r} is not one of {', '.join(POSITIONALS)}")
-        need(m.depth >= 1, "model.depth", f"must be >= 1, got {m.depth}")
-        need(m.d_model >= 1, "model.d_model", f"must be >= 1, got {m.d_model}")
-        need(m.heads >= 1, "model.heads", f"must be >= 1, got {m.heads}")
-        need(m.d_model % m.heads == 0, "model.heads", f"must divide model.d_model ({m.d_model}), got {m.heads}")
-        need(m.positional != "rope" or (m.d_model // m.heads) % 2 == 0, "model.positional",
-             f"rope needs an even head dim (model.d_model / model.heads), got {m.d_model // m.heads}")
+        return CoTTransformer(vocab_size, seq_len, m.depth, m.d_model, m.heads, m.positional, cfg.kernels.backend)
 
     @classmethod
     def footprint(cls, cfg: Config, task) -> list[Term]:
@@ -311,25 +292,13 @@ class CausalLinearLM(NextTokenModule):
         return terms
 
 
-@register_model("next_token", kind="linear")
-class LinearLM(CausalLinearLM):
-    Config = LinearConfig
-
+class LinearLM(LinearFamily, CausalLinearLM):
     @staticmethod
     def network(cfg: Config, vocab_size: int, seq_len: int) -> nn.Module:
-        return linear_next_token(cfg.model, vocab_size, seq_len)
+        return linear_next_token(vocab_size, seq_len)
 
 
-@register_model("next_token", kind="mlp")
-class MLPLM(CausalLinearLM):
-    Config = NextTokenMLPConfig
-
+class MLPLM(MLPNextTokenFamily, CausalLinearLM):
     @staticmethod
     def network(cfg: Config, vocab_size: int, seq_len: int) -> nn.Module:
-        return mlp_next_token(cfg.model, vocab_size, seq_len)
-
-    @classmethod
-    def validate(cls, cfg: Config, given: set[str]) -> None:
-        super().validate(cfg, given)
-        need(cfg.model.width >= 1, "model.width", f"must be >= 1, got {cfg.model.width}")
-        need(cfg.model.depth >= 1, "model.depth", f"must be >= 1, got {cfg.model.depth}")
+        return mlp_next_token(vocab_size, seq_len, cfg.model.width, cfg.model.depth)

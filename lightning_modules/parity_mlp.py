@@ -12,49 +12,21 @@ graph). They hold only for the forward and loss they were derived from: a subcla
 another network, trains by autograd. ``tests/test_parity_mlp.py`` checks each path against autograd.
 """
 import math
-from dataclasses import dataclass
 
 import lightning as L
 import torch
 from torch import nn
 
-from config import FLOAT, INDEX, Config, EvalConfig, KernelsConfig, ModelConfig, Term, batch_sizes, need
-from datamodules import task_class
-from datamodules.stream import pm1
-from lightning_modules.family import ModelFamily, register_model
-from lightning_modules import cuda_graph
+from config import Config, task_class
+from datamodules.stream import batch_sizes, pm1
+from lightning_modules import cuda_graph, stopping
+from lightning_modules.family import FLOAT, INDEX, Term
+from lightning_modules.lightning_adapter import StepCounter, step_counter
+from lightning_modules.logs import log_evaluation, log_training
+from lightning_modules.mlp_config import MLPFamily
 from lightning_modules.optimizers import clip_per_member, lightning_optimizers, optimizer, scheduled
-from networks.mlp import ACTIVATIONS, INITS, MLPEnsemble, mlp_ensemble
-from runtime import stopping
-from runtime.callbacks import log_evaluation, log_training
-from runtime.lightning_adapter import StepCounter, step_counter
 from metrics.hidden_progress import EXACT_MAX_N, HiddenProgress
-
-
-STREAM_IDS = 2**32  # a Philox counter word; member m trains on stream 2m and evaluates on 2m + 1
-CHOICES = {"activation": ACTIVATIONS, "init": INITS,
-           "loss": ("hinge", "square", "logistic"), "grad": ("auto", "autograd")}
-
-
-@dataclass
-class MLPConfig(ModelConfig):
-    width: int = 100
-    activation: str = "relu"  # relu | sin | poly
-    power: int = 2  # exponent of the poly activation z**power
-    init: str = "uniform"  # uniform (Xavier) | gaussian (Kaiming) | sign | sparse
-    init_sparsity: int = 2  # nonzero inputs per neuron for init=sparse
-    loss: str = "hinge"  # hinge | square | logistic
-    grad: str = "auto"  # auto: an accelerated step where it computes autograd's update | autograd: always autograd
-
-
-@dataclass
-class MLPEvalConfig(EvalConfig):
-    hidden_progress: bool = True  # log the hidden-progress measures (margin, Fourier gap, drift) at each eval
-
-
-@dataclass
-class MLPKernelsConfig(KernelsConfig):
-    compile: bool = False  # CPU: data generation and the ReLU/hinge SGD step as C++ (built once, ~40 s; cached)
+from networks.mlp import MLPEnsemble, mlp_ensemble
 
 
 WHOLE_BATCH_BYTES = 2**22  # the fused step converts a batch's inputs to +/-1 in one call up to this size, else by step
@@ -75,56 +47,33 @@ def to_pm1(xs: torch.Tensor, out: torch.Tensor) -> None:
         torch.mul(xs, -2.0, out=out).add_(1.0)
 
 
-@register_model("mlp")
-class ParityMLP(ModelFamily, L.LightningModule):
-    format = "classifier"
-    Config = MLPConfig
-    sections = {"eval": MLPEvalConfig, "kernels": MLPKernelsConfig}
-
-    @classmethod
-    def validate(cls, cfg: Config, given: set[str]) -> None:
-        m, n = cfg.model, cfg.data.n
-        for key, allowed in CHOICES.items():
-            need(getattr(m, key) in allowed, f"model.{key}", f"{getattr(m, key)!r} is not one of {', '.join(allowed)}")
-        need(m.width >= 1, "model.width", f"must be >= 1, got {m.width}")
-        need(not task_class(cfg.data.task).regression or m.loss == "square", "model.loss",
-             f"the {cfg.data.task} task is a regression target: it needs square, got {m.loss}")
-        need(m.ensemble >= 1, "model.ensemble", f"must be >= 1, got {m.ensemble}")
-        need(m.member_offset >= 0, "model.member_offset", f"must be >= 0, got {m.member_offset}")
-        last = STREAM_IDS // 2  # member m's streams 2m and 2m + 1 must be < 2**32
-        need(m.member_offset + m.ensemble <= last, "model.member_offset",
-             f"members [{m.member_offset}, {m.member_offset + m.ensemble}) need stream ids up to "
-             f"{2 * (m.member_offset + m.ensemble) - 1}, past 2**32 - 1: model.member_offset + model.ensemble "
-             f"must be <= 2**31")
-        need(m.power >= 1, "model.power", f"must be >= 1, got {m.power}")
-        need("model.power" not in given or m.activation == "poly", "model.power",
-             f"applies to model.activation=poly only, got model.activation={m.activation}")
-        need(1 <= m.init_sparsity <= n, "model.init_sparsity", f"must be in [1, data.n], got {m.init_sparsity}")
-        need("model.init_sparsity" not in given or m.init == "sparse", "model.init_sparsity",
-             f"applies to model.init=sparse only, got model.init={m.init}")
+class ParityMLP(MLPFamily, L.LightningModule):
 
     @classmethod
     def footprint(cls, cfg: Config, task) -> list[Term]:
         d, m, e = cfg.data, cfg.model, cfg.eval
         per_batch = batch_sizes(cfg)
         E, width = ("model.ensemble", m.ensemble, "model.ensemble"), ("model.width", m.width, "model.width")
-        n = ("data.n", task.input_size(d), "data.n")
+        inputs = task.input_size(d)
+        n = (task.size_key, inputs, task.size_key)
         terms = [Term("first layer, its initial copy, gradient and optimizer state", [("4", 4, None), E, width, n],
                       FLOAT),
                  Term("held-out set, its generation and the Fourier gap's copy",
                       [("3", 3, None), E, ("eval.size", e.size, "eval.size"), n], FLOAT),
                  Term("training batch", [E, *per_batch, n], FLOAT),
                  Term("hidden activations and their gradient", [("2", 2, None), E, per_batch[1], width], FLOAT)]
-        if not e.hidden_progress:
+        if not getattr(e, "hidden_progress", False):
             return terms
-        sampled = math.comb(d.n, d.k) > 2048 if d.n <= 2048 else d.k < d.n  # C(n, k) >= n for 0 < k < n
+        k = task.secret_size(d)
+        sampled = math.comb(inputs, k) > 2048 if inputs <= 2048 else k < inputs  # C(n, k) >= n for 0 < k < n
         if sampled:  # the Fourier gap's random k-subsets: rand + argsort (metrics/hidden_progress.py)
             terms.append(Term("Fourier-gap subset draws", [("4096", 4096, None), n], FLOAT + INDEX))
-        if d.n <= 16:  # its exact transform over the whole boolean cube
-            terms.append(Term("outputs on the boolean cube", [E, ("2**data.n", 2**d.n, "data.n")], 2 * FLOAT))
+        if inputs <= EXACT_MAX_N:  # its exact transform over the whole boolean cube
+            cube = (f"2**{task.size_key}", 2**inputs, task.size_key)
+            terms.append(Term("outputs on the boolean cube", [E, cube], 2 * FLOAT))
         else:  # the characters of the scored subsets on the held-out samples, kept across evaluations
-            scored = 1 + 2048 if sampled else math.comb(d.n, d.k)  # the secret's and the others'
-            terms.append(Term("Fourier-gap characters", [("subsets", scored, "data.k"),
+            scored = 1 + 2048 if sampled else math.comb(inputs, k)  # the secret's and the others'
+            terms.append(Term("Fourier-gap characters", [("subsets", scored, task.size_key),
                                                          ("eval.size", e.size, "eval.size")], FLOAT))
         return terms
 
@@ -136,19 +85,27 @@ class ParityMLP(ModelFamily, L.LightningModule):
         return {"model": self.key, "width": m.width, "ensemble": m.ensemble, "activation": m.activation,
                 "init": m.init, "loss": m.loss, "train_path": self.train_path}
 
+    @classmethod
+    def build(cls, cfg: Config, task) -> "ParityMLP":
+        task.compiled = cfg.kernels.compile  # the C++ data generation, where the task has one
+        return cls(cfg)
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.automatic_optimization = False
         self.cfg = cfg
-        m = cfg.model
+        m, task = cfg.model, task_class(cfg.data.task)
         self.members = list(range(m.member_offset, m.member_offset + m.ensemble))
-        self.net = mlp_ensemble(cfg.seed, self.members, cfg.data.n, m.width, m.activation, m.power, m.init,
+        self.inputs = task.input_size(cfg.data)
+        self.net = mlp_ensemble(cfg.seed, self.members, self.inputs, m.width, m.activation, m.power, m.init,
                                 m.init_sparsity)
         self.register_buffer("w1_init", self.net.w1.detach().clone())
         self.register_buffer("solved_step", torch.full((len(self.members),), -1, dtype=torch.long))
         self.register_buffer("score", torch.zeros(len(self.members)))  # held-out, the task's measure (Task.score)
-        self.score_name = task_class(cfg.data.task).score_name
-        self.hidden_progress = HiddenProgress(cfg.data.n, cfg.data.k)
+        self.score_name = task.score_name
+        # the hidden-progress measures, where the task declares them (eval.hidden_progress exists only there)
+        self.hidden_progress = (HiddenProgress(self.inputs, task.secret_size(cfg.data))
+                                if getattr(cfg.eval, "hidden_progress", False) else None)
         self.train_path = None  # chosen when fitting starts (choose_train_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -300,7 +257,7 @@ class ParityMLP(ModelFamily, L.LightningModule):
         self.train_path = self.choose_train_path(self.device, self.trainer.world_size)
         dm = self.trainer.datamodule
         x = dm.eval_set(self.device)[0]
-        if self.cfg.eval.hidden_progress and self.cfg.data.n > EXACT_MAX_N:
+        if self.hidden_progress is not None and self.inputs > EXACT_MAX_N:
             self.hidden_progress.fourier.characters(x[0], dm.secret)
         if self.logger is not None:
             self.logger.experiment  # noqa: B018 (TensorBoard's writer opens its event file here, not in the first step)
@@ -375,7 +332,7 @@ class ParityMLP(ModelFamily, L.LightningModule):
         self.solved_step[newly] = step
         solved = int((self.solved_step >= 0).sum())
         secret, hidden = self.trainer.datamodule.secret, {}
-        if self.cfg.eval.hidden_progress:
+        if self.hidden_progress is not None:
             x = self.trainer.datamodule.eval_set(self.device)[0]  # cached by the datamodule
             # the Fourier gap scores every member on member 0's held-out samples: a lone member's are its own
             hidden = self.hidden_progress.measure(self.outputs, self.net.w1, self.w1_init, x[0], secret, step,

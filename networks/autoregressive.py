@@ -14,28 +14,11 @@ A forward pass sums one row of the assembled matrix per token (``embedding_bag``
 Generation may keep a cache: every position's pre-activation summed over the tokens written so far,
 so each new token costs one row instead of a pass over the whole prefix.
 """
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from config import ConfigError, ModelConfig
-
-
-@dataclass
-class LinearConfig(ModelConfig):
-    name: str = "next_token"
-    kind: str = "linear"
-
-
-@dataclass
-class NextTokenMLPConfig(ModelConfig):
-    name: str = "next_token"
-    kind: str = "mlp"
-    width: int = 100  # hidden units per position
-    depth: int = 2  # hidden layers
 
 
 class PrefixCache(NamedTuple):
@@ -128,15 +111,11 @@ class AutoregressiveNet(nn.Module):
         return self.head(self.mix.forward_cached(new_tokens, cache, pos))
 
 
-def linear_next_token(m: LinearConfig, vocab_size: int, seq_len: int) -> AutoregressiveNet:
+def linear_next_token(vocab_size: int, seq_len: int) -> AutoregressiveNet:
     """Malach's linear model: logits = a block-lower-triangular linear map of the one-hot prefix."""
     return AutoregressiveNet(vocab_size, seq_len, [])
 
 
-def mlp_next_token(m: NextTokenMLPConfig, vocab_size: int, seq_len: int) -> AutoregressiveNet:
-    """CausalLinear to model.width units, then model.depth - 1 more ReLU layers, then the logits."""
-    if m.depth < 1:
-        raise ConfigError(f"model.depth: the mlp next-token model needs >= 1 hidden layer, got {m.depth}")
-    if m.width < 1:
-        raise ConfigError(f"model.width: must be >= 1, got {m.width}")
-    return AutoregressiveNet(vocab_size, seq_len, [m.width] * m.depth)
+def mlp_next_token(vocab_size: int, seq_len: int, width: int, depth: int) -> AutoregressiveNet:
+    """CausalLinear to ``width`` units, then ``depth`` - 1 more ReLU layers of that width, then the logits."""
+    return AutoregressiveNet(vocab_size, seq_len, [width] * depth)

@@ -5,24 +5,12 @@ by ``kernels.backend``). Positions are learned embeddings, rotary (RoPE, on q an
 transformer can still tell positions apart).
 """
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import ConfigError, ModelConfig
 from kernels import attention
-
-
-@dataclass
-class TransformerConfig(ModelConfig):
-    name: str = "next_token"
-    kind: str = "transformer"
-    depth: int = 2  # blocks
-    d_model: int = 128
-    heads: int = 4
-    positional: str = "learned"  # learned | rope | none
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per block: keys, values (B, heads, seq_len, head_dim)
 
@@ -87,25 +75,23 @@ class Block(nn.Module):
 
 
 class CoTTransformer(nn.Module):
-    def __init__(self, m: TransformerConfig, vocab_size: int, seq_len: int, backend: str = "auto"):
+    def __init__(self, vocab_size: int, seq_len: int, depth: int = 2, d_model: int = 128, heads: int = 4,
+                 positional: str = "learned", backend: str = "auto"):
+        """``positional``: learned | rope | none; heads must divide d_model (and leave an even head dim for rope)."""
         super().__init__()
-        if m.d_model < 1 or m.heads < 1 or m.d_model % m.heads:
-            raise ConfigError(f"model.heads: must be >= 1 and divide model.d_model ({m.d_model}), got {m.heads}")
-        if m.positional == "rope" and (m.d_model // m.heads) % 2:
-            raise ConfigError(f"model.positional: rope needs an even head dim, got {m.d_model // m.heads}")
-        if m.depth < 1:
-            raise ConfigError(f"model.depth: must be >= 1, got {m.depth}")
-        self.seq_len, self.heads, self.head_dim = seq_len, m.heads, m.d_model // m.heads
-        self.embed = nn.Embedding(vocab_size, m.d_model)
-        self.position = nn.Embedding(seq_len, m.d_model) if m.positional == "learned" else None
-        self.blocks = nn.ModuleList(Block(m.d_model, m.heads, m.positional == "rope", seq_len, backend)
-                                    for _ in range(m.depth))
-        self.ln_f = nn.LayerNorm(m.d_model)
-        self.head = nn.Linear(m.d_model, vocab_size, bias=False)
+        if d_model % heads or (positional == "rope" and (d_model // heads) % 2):
+            raise ValueError(f"{heads} heads do not split d_model {d_model} into {positional} heads")
+        self.seq_len, self.heads, self.head_dim = seq_len, heads, d_model // heads
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.position = nn.Embedding(seq_len, d_model) if positional == "learned" else None
+        self.blocks = nn.ModuleList(Block(d_model, heads, positional == "rope", seq_len, backend)
+                                    for _ in range(depth))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
         self.apply(self._init)
         for block in self.blocks:  # GPT-2: scale the residual projections by depth
             for proj in (block.attn.proj, block.mlp[2]):
-                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * m.depth))
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * depth))
 
     @staticmethod
     def _init(module: nn.Module) -> None:

@@ -1,38 +1,14 @@
-"""Callbacks every experiment uses: a step-based progress bar and a throughput meter; evaluation logging."""
+"""Callbacks every experiment uses: a step-based progress bar, a throughput meter and the stop on a signal."""
+import signal
 import time
+from typing import Optional
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
-
-def log_evaluation(module: L.LightningModule, metrics: dict[str, float], step: int) -> None:
-    """Write evaluation metrics to the logger once, at SGD step ``step``, and show them to callbacks.
-
-    ``self.log(on_step=True)`` would rewrite the last evaluation's values at every later batch until the
-    next evaluation (a staircase of stale points in TensorBoard).
-    """
-    values = {name: float(value) for name, value in metrics.items()}
-    if module.logger is not None:
-        module.logger.log_metrics(values, step=step)  # rank zero only
-    module.trainer.callback_metrics.update({name: torch.tensor(value) for name, value in values.items()})
-
-
-LOSS_WINDOW = 100  # train/loss is the mean over each window of this many SGD steps, however long a batch is
-
-
-def log_training(module: L.LightningModule, losses: torch.Tensor, step: int,
-                 extra: dict[str, float] | None = None) -> None:
-    """A batch's per-step losses (steps, ...) ending at SGD step ``step``: train/loss, the mean of each window of
-    LOSS_WINDOW steps at the window's last step, written as log_evaluation writes; ``extra`` scalars at ``step``;
-    and ``step`` in callback_metrics (the step checkpoints record as logged). Not ``LightningModule.log``: it
-    costs about a millisecond a call (it moves its stored metric to the value's device each time)."""
-    first = step - losses.shape[0]
-    ends = [*range((first // LOSS_WINDOW + 1) * LOSS_WINDOW, step, LOSS_WINDOW), step]
-    for start, end in zip([first, *ends], ends):
-        log_evaluation(module, {"train/loss": losses[start - first:end - first].mean(),
-                                **((extra or {}) if end == step else {})}, end)
-    module.trainer.callback_metrics["step"] = torch.tensor(float(step))
+from lightning_modules import stopping
 
 
 class StepProgressBar(L.Callback):
@@ -119,3 +95,57 @@ class Throughput(L.Callback):
     @property
     def samples_per_s(self) -> float:
         return self.rate_steps * self.samples_per_step / self.rate_s if self.rate_s else 0.0
+
+
+def stopped_by(trainer: L.Trainer) -> Optional[int]:
+    """The signal that ended ``trainer``'s fit early (set by StopOnSignal on every rank), or None."""
+    signum = trainer.callback_metrics.get("run/stop_signal")
+    return None if signum is None else int(signum)
+
+
+class StopOnSignal(L.Callback):
+    """Ends fit at the end of the batch in which a stop signal arrived, on every rank at the same step.
+
+    Lightning registers its own SIGTERM handler when fit starts (it stops only at a batch end, saves
+    nothing and lets the process exit 0); ``on_train_start`` puts ours back and forwards to the ranks
+    Lightning's launcher started, as its handler did. Under DDP the ranks agree through a non-blocking
+    all-reduce (MAX) of their flags on a CPU group, waited for one batch later: no per-step sync.
+    """
+
+    def __init__(self):
+        self._group = None
+        self._flag: Optional[torch.Tensor] = None
+        self._work = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")  # collective: every rank builds it here
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        stopping.install()
+        launcher = trainer.strategy.launcher
+        stopping.FORWARD[:] = [launcher.kill] if getattr(launcher, "procs", None) else []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        stop = stopping.requested()
+        if self._group is not None:
+            stop = self._agreed(stop)
+        if stop:  # callback_metrics travel back from ddp_spawn workers to the main process
+            trainer.callback_metrics["run/stop_signal"] = torch.tensor(stopping.received() or signal.SIGTERM)
+            trainer.should_stop = True
+
+    def _agreed(self, local: bool) -> bool:
+        """Whether any rank had asked to stop one batch ago (every rank answers alike)."""
+        stop = False
+        if self._work is not None:
+            self._work.wait()
+            stop = bool(self._flag.item())
+        self._flag = torch.tensor([int(local)], dtype=torch.int32)
+        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        return stop
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._work is not None:  # every rank issued the same number of all-reduces
+            self._work.wait()
+            self._work = None
+        stopping.FORWARD.clear()

@@ -8,7 +8,7 @@
   one trained with other settings (``run_settings``: optimizer, schedule, model, data). ``resume_force=true``
   accepts the last two, and ``adopt_settings`` then makes the new optimizer settings take effect.
 * ``ResumeState`` stores that identity, the settings and the RNG states in every checkpoint and puts the RNG back.
-* ``KillAtStep`` (``trainer.fail_at_step``) SIGKILLs the process: a fault drill for the resume tests.
+* ``KillAtStep`` (environment ``PARITYLAB_KILL_AT_STEP=N``) SIGKILLs the process: the resume tests' fault drill.
 """
 import logging
 import os
@@ -26,13 +26,14 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
 from config import Config, ConfigError
-from runtime.lightning_adapter import batches_that_stepped
+from lightning_modules.lightning_adapter import batches_that_stepped
 from runtime.run_dirs import write_atomic
 
 IDENTITY_KEY = "paritylab"  # checkpoint entry: what problem the weights were trained on
 RNG_KEY = "paritylab_rng"
 LOGGED_STEP_KEY = "paritylab_logged_step"
 SETTINGS_KEY = "paritylab_settings"
+KILL_AT_STEP_ENV = "PARITYLAB_KILL_AT_STEP"
 REQUEUE_SNAPSHOT = "hpc_ckpt_"  # Lightning's name for what its SLURM signal handler saves
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def identity_differences(stored: dict, identity: dict, defaults: Optional[dict] 
 # except where the schedule spans it.
 RUN_OPTIONS = ("run_dir", "resume", "resume_force", "model.grad", "trainer.max_steps", "trainer.accelerator",
                "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.steps_per_batch", "trainer.progress_bar",
-               "trainer.cpu_threads", "trainer.fail_at_step", "eval.every_n_steps", "eval.size",
+               "trainer.cpu_threads", "eval.every_n_steps", "eval.size",
                "eval.hidden_progress", "checkpoint.every_n_steps", "kernels.backend", "kernels.compile")
 
 

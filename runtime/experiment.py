@@ -20,22 +20,25 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from config import Config, ConfigError, check_memory, has_key, schema_for, validate
-from datamodules import task_class
-from lightning_modules import model_family
+import datamodules  # noqa: F401  (registers every task's declarations: load_run works on its own)
+import lightning_modules  # noqa: F401  (and every model family's)
+from config import Config, ConfigError, has_key, model_family, schema_for, task_class, validate
 from runtime.checkpointing import (IDENTITY_KEY, SETTINGS_KEY, identity_defaults, identity_differences, run_identity,
                                   run_settings)
+from runtime.memory import check_memory
 from runtime.run_dirs import write_atomic
 
 # How and on how many held-out samples a run is evaluated (all of them run options, runtime/checkpointing.py).
 EVAL_OPTIONS = ("eval.size", "kernels.backend", "kernels.compile", "trainer.accelerator", "trainer.devices",
                 "trainer.cpu_threads")
 
+RETIRED_KEYS = ("trainer.fail_at_step",)  # now the environment variable PARITYLAB_KILL_AT_STEP (a fault drill)
+
 
 def build(cfg: Config) -> tuple[L.LightningDataModule, L.LightningModule]:
     """The datamodule of ``data.task`` and the module of the model family, through their registries."""
-    task = task_class(cfg.data.task)(cfg)
-    return task, model_family(cfg.model).build(cfg, task)
+    task = task_class(cfg.data.task).implementation()(cfg)
+    return task, model_family(cfg.model).implementation().build(cfg, task)
 
 
 def run_config(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Config, dict[str, Any]]:
@@ -57,6 +60,9 @@ def run_config(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Config, di
         keys.append(key)
     try:
         saved = OmegaConf.load(path)
+        for retired in RETIRED_KEYS:  # a key older runs wrote that no longer exists
+            section, _, name = retired.partition(".")
+            saved.get(section, {}).pop(name, None)
         cfg = OmegaConf.merge(OmegaConf.structured(schema_for(saved)), saved)
         own: Config = OmegaConf.to_object(cfg)
     except (OmegaConfBaseException, yaml.YAMLError) as err:

@@ -21,8 +21,7 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from config import Config, ConfigError, to_yaml
-
-RUN_DIR_ENV = "PARITYLAB_RUN_DIR"  # passed to the ranks that Lightning's DDP launcher starts
+from runtime.run_dirs import RUN_DIR_ENV
 
 
 def launcher_job_id() -> Optional[str]:
@@ -70,6 +69,10 @@ def check_devices(cfg: Config) -> None:
                           "(trainer=cpu trains on the CPU)")
     if isinstance(t.devices, list) and len(set(t.devices)) != len(t.devices):
         raise ConfigError(f"trainer.devices: {list(t.devices)} names a device more than once")
+    on_cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
+    if isinstance(t.devices, list) and on_cpu:
+        raise ConfigError(f"trainer.devices: a CPU run takes a count of processes, not the device ids "
+                          f"{list(t.devices)}")
 
 
 def check_cluster(cfg: Config, trainer: L.Trainer) -> None:

@@ -17,6 +17,7 @@ from typing import BinaryIO, Callable, Union
 from config import ConfigError
 
 LOCK = ".lock"
+RUN_DIR_ENV = "PARITYLAB_RUN_DIR"  # the run directory rank 0 chose, passed to the ranks Lightning's DDP launcher starts
 RUN_FILES = ("config.yaml", "summary.json", "checkpoints", "tb")
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from cli import Parser  # noqa: E402 (scripts/cli.py, beside this file)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from datamodules.cot import CHAINS  # noqa: E402
+from datamodules.parity_config import CHAINS  # noqa: E402
 
 N = 30  # configs/experiment/cot_parity.yaml
 FIELDS = ("chain", "k", "seed", "solved_step", "steps", "greedy_accuracy", "token_accuracy", "chain_accuracy",

@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if not torch.cuda.is_available():  # Triton runs on a CPU only through its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(ROOT))
+import datamodules  # noqa: E402,F401  (registers the tasks' declarations, as train.py does)
+import lightning_modules  # noqa: E402,F401  (and the model families')
 torch.set_num_threads(min(torch.get_num_threads(), 2))
 
 

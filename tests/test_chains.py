@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from config import ConfigError, compose
-from datamodules.cot import chain_len
+from datamodules.parity_config import chain_len
 from datamodules.parity import ParityTask
 from kernels import sparse_parity
 from runtime.experiment import build
@@ -17,7 +17,7 @@ CPU = torch.device("cpu")
 
 def chain_config(n: int, k: int, *overrides: str):
     return compose(["experiment=cot_parity", f"data.n={n}", f"data.k={k}", "data.batch_size=8", "model.d_model=32",
-                    "model.heads=2", "eval.size=64", "seed=5", *overrides], machine=False)
+                    "model.heads=2", "eval.size=64", "seed=5", *overrides])
 
 
 def parity(bits: list[int]) -> int:
@@ -132,7 +132,7 @@ def train_linear(chain: str) -> dict:
     """A linear next-token model trained in-process on (n = 10, k = 3) parity with ``chain``; its results."""
     cfg = compose(["experiment=cot_parity", "model.kind=linear", f"data.chain={chain}", "data.n=10", "data.k=3",
                    "trainer.max_steps=150", "eval.every_n_steps=50", "eval.size=512", "optim.lr=0.01",
-                   "trainer.accelerator=cpu"], machine=False)
+                   "trainer.accelerator=cpu"])
     dm, model = build(cfg)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=cfg.trainer.max_steps, max_epochs=-1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -1,4 +1,4 @@
-"""config.validate and config.check_memory: values that cannot work are refused with one line naming the key."""
+"""config.validate and runtime.memory.check_memory: values that cannot work are refused, one line naming the key."""
 import re
 import subprocess
 import sys
@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import config
-from config import CONFIG_DIR, ConfigError, compose, footprint
+from config import CONFIG_DIR, ConfigError, compose, task_class
+from runtime import memory
+from runtime.memory import footprint
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -70,29 +71,29 @@ SIZES = [  # (arguments, the key the error must name): far past any machine's me
 
 @pytest.mark.parametrize("args, key", SIZES, ids=[a for a, _ in SIZES])
 def test_sizes_past_the_memory_are_refused_with_the_estimate(monkeypatch, args, key):
-    monkeypatch.setattr(config, "available_memory", lambda cfg: (64 * 2**30, "test memory"))
+    monkeypatch.setattr(memory, "available_memory", lambda cfg: (64 * 2**30, "test memory"))
+    cfg = compose(args.split())  # a config for another machine (sweep --slurm) is not measured by compose
     with pytest.raises(ConfigError, match=f"^{re.escape(key)}: the run needs about ") as err:
-        compose(args.split())
+        memory.check_memory(cfg)
     assert "more than the 64.0 GiB of test memory" in str(err.value) and "\n" not in str(err.value)
-    compose(args.split(), machine=False)  # a config for another machine (sweep --slurm) is not measured here
 
 
 def test_cpu_processes_on_one_host_each_count(monkeypatch):
     args = ["trainer.accelerator=cpu", "data.n=200", "model.width=100000", "eval.size=1024"]
-    one = config.PROCESS + sum(t.bytes for t in footprint(compose(args, machine=False)))
-    monkeypatch.setattr(config, "available_memory", lambda cfg: (int(1.5 * one), "host memory of the test"))
-    compose(args)
+    one = memory.PROCESS + sum(t.bytes for t in footprint(compose(args)))
+    monkeypatch.setattr(memory, "available_memory", lambda cfg: (int(1.5 * one), "host memory of the test"))
+    memory.check_memory(compose(args))
     with pytest.raises(ConfigError, match=r"^model\.width: .*\(2 processes on this host; "):
-        compose([*args, "trainer.devices=2", "trainer.strategy=ddp"])
+        memory.check_memory(compose([*args, "trainer.devices=2", "trainer.strategy=ddp"]))
 
 
 def test_host_memory_is_read_where_the_run_is_on_a_cpu():
-    free, where = config.available_memory(compose(["trainer.accelerator=cpu"], machine=False))
+    free, where = memory.available_memory(compose(["trainer.accelerator=cpu"]))
     meminfo = dict(line.split(":") for line in Path("/proc/meminfo").read_text().splitlines())
     assert "MemAvailable" in where
     assert abs(free - int(meminfo["MemAvailable"].split()[0]) * 1024) < 2**30  # it moves while we look
     if not torch.cuda.is_available():
-        assert config.available_memory(compose(["trainer.accelerator=gpu"], machine=False)) is None
+        assert memory.available_memory(compose(["trainer.accelerator=gpu"])) is None
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -108,10 +109,9 @@ def test_every_preset_is_accepted_and_small(preset, trainer):
     *[["experiment=multiply_cot", f"data.digits={d}", f"data.chain={c}"] for d in (1, 2, 5, 9)
       for c in ("none", "sequential", "malach", "malach_joined")]])
 def test_the_layout_the_memory_check_uses_is_the_generated_one(args):
-    from datamodules import task_class
     from datamodules.stream import Ticket
-    cfg = compose(args, machine=False)
-    task = task_class(cfg.data.task)
+    cfg = compose(args)
+    task = task_class(cfg.data.task).implementation()
     tokens = task(cfg).generate(Ticket(0, 1, 0, 1), torch.device("cpu")).tokens
     assert tokens.shape[-1] == task.layout(cfg.data).seq_len
 

@@ -97,7 +97,8 @@ def test_loss_covers_exactly_the_completion():
 @pytest.mark.parametrize("positional", ["learned", "rope", "none"])
 def test_kv_cache_equals_full_recompute(positional):
     cfg = cot_config(f"model.positional={positional}", "model.depth=2")
-    model = CoTTransformer(cfg.model, vocab_size=3, seq_len=17).eval()
+    m = cfg.model
+    model = CoTTransformer(3, 17, m.depth, m.d_model, m.heads, m.positional).eval()
     for p in model.parameters():  # larger weights than the init, so the logits differ across positions
         p.data.normal_(0, 0.3)
     tokens = torch.randint(0, 3, (5, 17))
@@ -115,7 +116,9 @@ def test_kv_cache_equals_full_recompute(positional):
 
 def test_bad_model_shapes_name_the_key():
     with pytest.raises(ConfigError, match="^model.heads:"):
-        CoTTransformer(cot_config("model.heads=3").model, 3, 20)
+        cot_config("model.heads=3")
+    with pytest.raises(ValueError, match="3 heads do not split d_model 32"):
+        CoTTransformer(3, 20, d_model=32, heads=3)
     with pytest.raises(ConfigError, match="^model.ensemble:"):
         ParityTask(cot_config("model.ensemble=0"))
 

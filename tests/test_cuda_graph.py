@@ -10,7 +10,7 @@ from datamodules.parity import ParityTask
 from datamodules.stream import Ticket
 from lightning_modules import cuda_graph
 from lightning_modules.parity_mlp import ParityMLP
-from runtime.lightning_adapter import UNCOUNTED
+from lightning_modules.lightning_adapter import UNCOUNTED
 
 PARAMS = ("w1", "b1", "w2", "b2")
 

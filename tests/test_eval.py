@@ -118,14 +118,14 @@ def test_overrides_that_change_what_was_trained_are_refused(run, arg):
 
 
 def test_an_option_of_another_model_family_is_refused(tmp_path):
-    (tmp_path / "config.yaml").write_text(to_yaml(compose(["experiment=cot_parity"], machine=False)))
+    (tmp_path / "config.yaml").write_text(to_yaml(compose(["experiment=cot_parity"])))
     with pytest.raises(ConfigError, match="^kernels.compile: does not apply to model next_token/transformer"):
         load_run(tmp_path, ["kernels.compile=true"])
 
 
 def test_a_checkpoint_of_another_problem_or_shape_is_refused(run, tmp_path):
     run_dir = copied(run, tmp_path)
-    cfg = compose(["experiment=parity_mlp_ensemble", "model.ensemble=2", "data.n=30", *TINY, "seed=1"], machine=False)
+    cfg = compose(["experiment=parity_mlp_ensemble", "model.ensemble=2", "data.n=30", *TINY, "seed=1"])
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     with pytest.raises(ConfigError, match=r"does not match .*config.yaml \(identity: seed 0 in the checkpoint, 1"):
         load_run(run_dir)

@@ -1,10 +1,11 @@
-"""Lightning's private step counters, as runtime/lightning_adapter.py uses them: fails loudly if Lightning changes."""
+"""Lightning's private step counters, as lightning_modules/lightning_adapter.py uses them: fails loudly if Lightning changes."""
 import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from runtime.lightning_adapter import StepCounter, batches_that_stepped, count_steps, step_counter
+from lightning_modules.lightning_adapter import (StepCounter, batches_that_stepped, count_steps, set_default_root_dir,
+                                               step_counter)
 
 STEPS_PER_BATCH = 3
 
@@ -58,3 +59,9 @@ def test_a_counter_is_its_two_calls():
     calls = []
     count_steps(StepCounter(lambda: calls.append("before"), lambda: calls.append("after")), 2)
     assert calls == ["before", "after"] * 2
+
+
+def test_a_trainer_takes_its_run_directory_after_construction(tmp_path):
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    set_default_root_dir(trainer, tmp_path / "run")
+    assert trainer.default_root_dir == str(tmp_path / "run")

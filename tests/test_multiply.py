@@ -4,6 +4,7 @@ import torch
 
 from config import compose
 from datamodules.multiply import MultiplyTask, held_out, render, sequences
+from datamodules.multiply_config import MultiplyConfig
 from datamodules.stream import Ticket
 
 CPU = torch.device("cpu")
@@ -38,7 +39,7 @@ def expected(a: int, b: int, digits: int, chain: str) -> list[int]:
 
 def task(*overrides: str) -> MultiplyTask:
     return MultiplyTask(compose(["experiment=multiply_cot", "model.width=16", "data.batch_size=16", "eval.size=64",
-                                 *overrides], machine=False))
+                                 *overrides]))
 
 
 def test_docstring_example():
@@ -97,3 +98,11 @@ def test_split_and_operands_do_not_depend_on_the_chain():
     for tokens, held in zip(prompts["malach"], (False, True)):
         a, b = tokens[:, 0] * 10 + tokens[:, 1], tokens[:, 3] * 10 + tokens[:, 4]
         assert bool((held_out(11, a, b) == held).all())
+
+
+@pytest.mark.parametrize("chain", ["none", "sequential", "malach", "malach_joined"])
+def test_the_declared_layout_is_the_length_written(chain):
+    for digits in range(1, 10):
+        one = torch.ones(1, dtype=torch.int64)
+        layout = MultiplyTask.layout(MultiplyConfig(digits=digits, chain=chain))
+        assert sequences(one, one, digits, chain).shape[1] == layout.seq_len, digits

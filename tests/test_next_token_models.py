@@ -8,8 +8,8 @@ import lightning as L
 import pytest
 import torch
 
-from config import ConfigError, compose, footprint
-from datamodules import task_class
+from config import ConfigError, compose, task_class
+from runtime.memory import footprint
 from datamodules.parity import ParityTask
 from datamodules.multiply import MultiplyTask, held_out, operands, render, sequences
 from datamodules.stream import Ticket, train_stream
@@ -240,7 +240,7 @@ def test_member_in_an_ensemble_equals_member_alone_bitwise(family):
 
 @pytest.mark.parametrize("args", [["experiment=tree_cot_parity", "data.noise=0.1"], ["experiment=multiply_cot"]])
 def test_each_member_has_its_own_streams_and_member_zero_keeps_today_s(args):
-    group, alone = (task_class(cfg.data.task)(cfg) for cfg in
+    group, alone = (task_class(cfg.data.task).implementation()(cfg) for cfg in
                     (compose([*args, "model.ensemble=3", "eval.size=32"]),
                      compose([*args, "model.member_offset=2", "eval.size=32"])))
     ticket = Ticket(5, 2, 0, 1)

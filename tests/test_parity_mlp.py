@@ -12,8 +12,9 @@ from config import CHOICES as CONFIG_CHOICES, OPTIMIZERS, compose
 from datamodules.parity import ParityTask, secret_for
 from datamodules.stream import Ticket, pm1
 from lightning_modules import cuda_graph
-from lightning_modules.parity_mlp import CHOICES, PATHS, ParityMLP
-from runtime.lightning_adapter import UNCOUNTED
+from lightning_modules.mlp_config import CHOICES
+from lightning_modules.parity_mlp import PATHS, ParityMLP
+from lightning_modules.lightning_adapter import UNCOUNTED
 
 PARAMS = ("w1", "b1", "w2", "b2")
 

@@ -22,8 +22,8 @@ from config import ConfigError, compose
 from datamodules.parity import ParityTask
 from datamodules.stream import TicketStream
 from runtime.experiment import build
-from runtime.checkpointing import (IDENTITY_KEY, LOGGED_STEP_KEY, AtomicCheckpointIO, ResumeState, identity_defaults,
-                                   load_for_resume, resume_path, run_identity)
+from runtime.checkpointing import (IDENTITY_KEY, KILL_AT_STEP_ENV, LOGGED_STEP_KEY, AtomicCheckpointIO, ResumeState,
+                                   identity_defaults, load_for_resume, resume_path, run_identity)
 from lightning_modules.parity_mlp import ParityMLP
 from conftest import ROOT, TIMEOUT, checkpoint, clean_env, finish, one_error_line, start, train
 # Batches of 50 SGD steps (the largest that divides the eval and checkpoint periods); checkpoints at 200
@@ -39,6 +39,11 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+def kill_at(step: int) -> dict:
+    """The environment of a run that SIGKILLs itself at ``step`` (the fault drill: never a config key)."""
+    return {**clean_env(), KILL_AT_STEP_ENV: str(step)}
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("uninterrupted")
@@ -49,7 +54,7 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
-    killed = train(tmp_path, f"run_dir={run_dir}", *RUN, "trainer.fail_at_step=350")
+    killed = train(tmp_path, f"run_dir={run_dir}", *RUN, env=kill_at(350))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert checkpoint(run_dir)["global_step"] == 200
     assert max(step for step, _ in scalars(run_dir)["train/loss"]) >= 300  # logged past the checkpoint
@@ -83,7 +88,7 @@ def test_a_killed_run_on_the_fused_plain_sgd_path_resumes_bitwise(tmp_path):
     whole, run_dir = tmp_path / "whole", tmp_path / "run"
     assert train(tmp_path, f"run_dir={whole}", *plain).returncode == 0
     assert json.loads((whole / "summary.json").read_text())["train_path"] == "fused"
-    assert train(tmp_path, f"run_dir={run_dir}", *plain, "trainer.fail_at_step=350").returncode == -signal.SIGKILL
+    assert train(tmp_path, f"run_dir={run_dir}", *plain, env=kill_at(350)).returncode == -signal.SIGKILL
     assert checkpoint(run_dir)["global_step"] == 200
     resumed = train(tmp_path, f"run_dir={run_dir}", *plain, "resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from config import ConfigError, compose
-from datamodules.rule110 import (CHAINS, Rule110Task, held_out, render, rings, sequences, step_cone,
-                                 step_ring)
+from datamodules.rule110 import Rule110Task, held_out, render, rings, sequences, step_cone, step_ring
+from datamodules.rule110_config import CHAINS
 from datamodules.stream import Ticket
 from lightning_modules.next_token import completion_loss, make_backbone, teacher_forced_and_greedy
 

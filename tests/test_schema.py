@@ -39,19 +39,19 @@ def schemas() -> dict[tuple, str]:
     """One preset per distinct schema (the set of accepted keys)."""
     found: dict[tuple, str] = {}
     for preset in PRESETS:
-        found.setdefault(tuple(sorted(accepted(compose([f"experiment={preset}"], machine=False)))), preset)
+        found.setdefault(tuple(sorted(accepted(compose([f"experiment={preset}"])))), preset)
     return found
 
 
 def tiny(preset: str, extra: list[str]) -> list[str]:
-    keys = accepted(compose([f"experiment={preset}"], machine=False))
+    keys = accepted(compose([f"experiment={preset}"]))
     return [f"experiment={preset}", "trainer=cpu", *(f"{k}={v}" for k, v in TINY.items() if k in keys), *extra]
 
 
 def choices(args: list[str], key: str) -> list[str]:
     """The values a choice key takes, as its refusal of a wrong one lists them."""
     with pytest.raises(ConfigError) as err:
-        compose([*args, f"{key}=not_a_choice"], machine=False)
+        compose([*args, f"{key}=not_a_choice"])
     listed = re.search(r"is not one of (.+)$", str(err.value))
     assert listed, f"{key}: a wrong value must be refused with the list of its choices, got {err.value}"
     return [c.strip() for c in listed.group(1).split(",")]
@@ -68,14 +68,14 @@ def alternative(args: list[str], key: str, value):
     if isinstance(value, float):
         return value / 1000 if value else 0.1  # small enough that a gradient clip bites
     if value is None and key == "data.secret":
-        k = compose(args, machine=False).data.k
+        k = compose(args).data.k
         return "[" + ",".join(map(str, range(k))) + "]"
     raise AssertionError(f"{key}: no alternative for {value!r}")
 
 
 def probe(args: list[str]) -> list[torch.Tensor]:
     """What a key may change: the first training batch, the held-out set, weights before and after training."""
-    cfg = compose(args, machine=False)
+    cfg = compose(args)
     torch.manual_seed(cfg.seed)
     dm, model = build(cfg)
     cpu = torch.device("cpu")
@@ -98,17 +98,17 @@ def differs(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 @pytest.mark.parametrize("preset", sorted(schemas().values()))
 def test_every_accepted_key_acts_or_is_refused(preset):
     base_args = tiny(preset, [])
-    keys = accepted(compose(base_args, machine=False))
+    keys = accepted(compose(base_args))
     inert = []
     baselines: dict[tuple, list[torch.Tensor]] = {}
     for key, value in keys.items():
         if key in SELECTORS or key in RUN_OPTIONS:
             continue
         args = tiny(preset, PREREQUISITES.get(key, []))
-        value = accepted(compose(args, machine=False))[key]
+        value = accepted(compose(args))[key]
         changed = [*args, f"{key}={alternative(args, key, value)}"]
         try:
-            compose(changed, machine=False)
+            compose(changed)
         except ConfigError:
             continue  # refused for that value: it cannot silently do nothing
         base = baselines.setdefault(tuple(args), probe(args))
@@ -118,9 +118,9 @@ def test_every_accepted_key_acts_or_is_refused(preset):
 
 
 def test_every_preset_has_a_walked_schema():
-    walked = {tuple(sorted(accepted(compose([f"experiment={p}"], machine=False)))) for p in schemas().values()}
+    walked = {tuple(sorted(accepted(compose([f"experiment={p}"])))) for p in schemas().values()}
     for preset in PRESETS:
-        assert tuple(sorted(accepted(compose([f"experiment={preset}"], machine=False)))) in walked
+        assert tuple(sorted(accepted(compose([f"experiment={preset}"])))) in walked
 
 
 REFUSED = [  # (arguments, the message the refusal must start with)
@@ -150,7 +150,7 @@ REFUSED = [  # (arguments, the message the refusal must start with)
 @pytest.mark.parametrize("args, message", REFUSED, ids=[a for a, _ in REFUSED])
 def test_inapplicable_keys_are_refused_naming_them(args, message):
     with pytest.raises(ConfigError) as err:
-        compose(args.split(), machine=False)
+        compose(args.split())
     assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
 
 
@@ -158,7 +158,7 @@ def test_inapplicable_keys_are_refused_naming_them(args, message):
                                   ["experiment=multiply_cot", "model.kind=transformer"],
                                   ["experiment=multiply_cot", "model.kind=linear"]])
 def test_switching_the_family_drops_the_presets_keys_of_the_other(args):
-    cfg = compose(args, machine=False)
+    cfg = compose(args)
     assert cfg.model.kind == args[1].split("=")[1]
     assert not hasattr(cfg.model, "heads") or cfg.model.kind == "transformer"
 

@@ -6,6 +6,7 @@ import torch
 
 from config import compose
 from datamodules.parity import ParityTask, secret_for
+from runtime.experiment import build
 from datamodules.stream import Ticket, eval_stream, pm1, train_stream
 from kernels import cpp, philox4x32, sparse_parity
 from kernels.sparse_parity import on_device
@@ -97,7 +98,8 @@ class FakeTrainer:
 
 
 def datamodule(*args: str) -> ParityTask:
-    return ParityTask(compose(["data.n=30", "data.k=3", "data.batch_size=8", *args]))
+    """The parity datamodule as a run builds it (the MLP family hands it kernels.compile)."""
+    return build(compose(["data.n=30", "data.k=3", "data.batch_size=8", *args]))[0]
 
 
 def test_rank_slices_union_to_the_global_batch():
@@ -178,6 +180,7 @@ def test_cpp_build_failure_falls_back_to_eager_once(monkeypatch, caplog):
 
 def test_datamodule_tickets_are_bits_on_cpu_and_equal_with_kernels_compile():
     plain, compiled = datamodule("model.ensemble=2"), datamodule("model.ensemble=2", "kernels.compile=true")
+    assert (plain.compiled, compiled.compiled) == (False, True)
     ticket = Ticket(step=3, steps=4, rank=0, world_size=1)
     want, got = plain.generate(ticket, torch.device("cpu")), compiled.generate(ticket, torch.device("cpu"))
     assert want.x.dtype == torch.uint8 and want.y.dtype == torch.float32

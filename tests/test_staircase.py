@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def small(*overrides: str):
     return compose(["experiment=staircase_mlp", "data.n=10", "data.k=4", "model.ensemble=2", "model.width=16",
-                    "eval.size=256", *overrides], machine=False)
+                    "eval.size=256", *overrides])
 
 
 def test_target_is_the_sum_of_prefix_monomials():

@@ -101,10 +101,11 @@ def test_every_experiment_preset_runs(tmp_path, preset):
 
 
 MACHINE = {  # requests this machine cannot meet: refused before Lightning or a run directory sees them
-    "trainer.accelerator=tpu": "trainer: ",
+    "trainer.accelerator=tpu": "trainer.accelerator: 'tpu' is not one of auto, cpu, gpu, cuda",
     "trainer.devices=[0,0] trainer.accelerator=cpu": "trainer.devices: [0, 0] names a device more than once",
     "trainer.num_nodes=2 trainer.accelerator=cpu": "trainer.num_nodes: 2 nodes need a cluster launcher",
-    "trainer.strategy=fsdp trainer.accelerator=cpu": "trainer: ",
+    "trainer.strategy=fsdp trainer.accelerator=cpu": "trainer.strategy: 'fsdp' is not one of auto, ddp,",
+    "trainer.devices=[0] trainer.accelerator=cpu": "trainer.devices: a CPU run takes a count of processes",
 }
 if not torch.cuda.is_available():
     MACHINE.update({"trainer=gpu": "trainer.accelerator: 'gpu' needs a CUDA GPU",
@@ -137,8 +138,8 @@ def test_ddp_spawn_workers_are_quiet_and_their_figures_reach_the_summary(tmp_pat
 
 # --- steps per Lightning batch: a speed choice that changes nothing else --------------------------------
 def test_steps_per_batch_grows_only_where_a_step_s_data_is_small():
-    from config import batch_sizes
-    from datamodules import task_class
+    from config import task_class
+    from datamodules.stream import batch_sizes
     from datamodules.stream import steps_per_batch
 
     def chosen(*overrides: str) -> int:

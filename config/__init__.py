@@ -7,20 +7,21 @@ command line pick the presets; every other argument is a dotted ``key=value`` ov
 The schema is assembled per run: the ``data`` section is the dataclass its task declares for the
 batch format its model family takes (datamodules/), the ``model`` section (and any ``eval`` or
 ``kernels`` extension) is the model family's (lightning_modules/), the ``optim`` section is the
-optimizer's. An experiment accepts exactly those keys. A preset's key that belongs to another
+optimizer's. An experiment accepts exactly those keys. Tasks and families put their declarations in
+``TASKS`` and ``MODELS`` when their packages are imported; this module imports neither package, nor
+torch or Lightning, so a bad command line is refused before they load. A preset's key that belongs to another
 task, family or optimizer is dropped, so ``experiment=cot_parity model.kind=linear`` works; the
 same key given on the command line is refused, naming it.
 """
 import math
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple, Optional
+from typing import Any, ClassVar, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = ("experiment", "trainer")
 
 
@@ -74,7 +75,6 @@ class TrainerConfig:
     steps_per_batch: int = 0  # SGD steps per Lightning batch; 0 = chosen to fit the schedule (datamodules/stream.py)
     progress_bar: bool = True
     cpu_threads: int = 1  # torch intra-op threads; small models run fastest on one, 0 = torch's default
-    fail_at_step: int = 0  # fault drill (resume tests): SIGKILL the process at this step; 0 = off
 
 
 @dataclass
@@ -113,17 +113,45 @@ class ConfigError(ValueError):
     """A bad configuration: the message is one line naming the key and the problem."""
 
 
+TASKS: dict[str, type] = {}  # data.task -> the task's declarations (datamodules/problem.py: Problem)
+MODELS: dict[str, type] = {}  # model.name, or name/kind -> the family's declarations (lightning_modules/family.py)
+DEFAULT_KINDS: dict[str, str] = {}  # model.name -> the kind it means when model.kind is not given
+
+
+def task_class(name: str) -> type:
+    """The registered task ``data.task=name``."""
+    if name not in TASKS:
+        raise ConfigError(f"data.task: unknown task {name!r} (known: {', '.join(sorted(TASKS))})")
+    return TASKS[name]
+
+
+def model_family(model: Any) -> type:
+    """The family of a ``model`` section (dataclass, DictConfig or dict): model.name, then model.kind."""
+    get = model.get if hasattr(model, "get") else lambda key, default=None: getattr(model, key, default)
+    name = get("name", "mlp")
+    if name in DEFAULT_KINDS:
+        kind = get("kind", None) or DEFAULT_KINDS[name]
+        kinds = sorted(key.split("/", 1)[1] for key in MODELS if key.startswith(f"{name}/"))
+        if f"{name}/{kind}" not in MODELS:
+            raise ConfigError(f"model.kind: {kind!r} is not one of {', '.join(kinds)}")
+        return MODELS[f"{name}/{kind}"]
+    if name not in MODELS:
+        names = sorted({key.split("/")[0] for key in MODELS})
+        raise ConfigError(f"model.name: {name!r} is not one of {', '.join(names)}")
+    return MODELS[name]
+
+
 CHOICES = {
     "optim.schedule": ("constant", "cosine"),
     "kernels.backend": ("auto", "triton", "torch"),
+    "trainer.accelerator": ("auto", "cpu", "gpu", "cuda"),  # what the project runs and tests on
+    "trainer.strategy": ("auto", "ddp", "ddp_spawn", "ddp_fork"),  # data parallel: the stream shards exactly
 }
 
 
-def compose(args: list[str], machine: bool = True) -> Config:
-    """The validated config for command-line ``args``; raises ConfigError on bad input.
-
-    ``machine``: also refuse a run too big for the free memory of this machine (check_memory).
-    """
+def compose(args: list[str]) -> Config:
+    """The validated config for command-line ``args``; raises ConfigError on bad input. Whether the run fits
+    this machine is runtime/memory.py's check."""
     groups, dotlist = {}, []
     for arg in args:
         key, sep, value = arg.partition("=")
@@ -161,15 +189,13 @@ def compose(args: list[str], machine: bool = True) -> Config:
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
     validate(config, given=set(leaves(given)))
-    if machine:
-        check_memory(config)
     return config
 
 
 def schema_for(raw: DictConfig) -> Config:
     """The run's schema: the sections its task, model family and optimizer declare, at their defaults."""
-    from datamodules import task_class
-    from lightning_modules import model_family
+    if not TASKS or not MODELS:
+        raise RuntimeError("no task or model family registered: import datamodules and lightning_modules first")
     task = task_class(OmegaConf.select(raw, "data.task", default="parity"))
     family = model_family(raw.get("model") or {})
     if family.format not in task.configs:
@@ -179,13 +205,11 @@ def schema_for(raw: DictConfig) -> Config:
     if name not in OPTIMIZERS:
         raise ConfigError(f"optim.name: {name!r} is not one of {', '.join(OPTIMIZERS)}")
     sections = {"data": task.configs[family.format](), "model": family.Config(), "optim": OPTIMIZERS[name](name=name)}
-    return Config(**sections, **{section: cls() for section, cls in family.sections.items()})
+    return Config(**sections, **{section: cls() for section, cls in family.sections_for(task).items()})
 
 
 def known_keys() -> set[str]:
     """Every key some task, model family or optimizer declares."""
-    from datamodules import TASKS
-    from lightning_modules import MODELS
     classes = [("data", c) for task in TASKS.values() for c in task.configs.values()]
     classes += [("model", family.Config) for family in MODELS.values()]
     classes += [(section, c) for family in MODELS.values() for section, c in family.sections.items()]
@@ -196,13 +220,13 @@ def known_keys() -> set[str]:
 
 def describe(schema: Config, key: str) -> str:
     """Whom a key of another section's schema does not apply to (for the refusal)."""
-    from lightning_modules import model_family
     section = key.split(".")[0]
-    if section == "data":
-        return f"the {schema.data.task} task with model {model_family(schema.model).key}"
+    family, task = model_family(schema.model), task_class(schema.data.task)
+    if section == "data" or (section in family.sections and section not in family.sections_for(task)):
+        return f"the {task.name} task with model {family.key}"
     if section == "optim":
         return f"optim.name={schema.optim.name}"
-    return f"model {model_family(schema.model).key}"
+    return f"model {family.key}"
 
 
 def leaves(node: DictConfig, prefix: str = "") -> list[str]:
@@ -244,8 +268,6 @@ SAMPLE_IDS = 2**64  # a sample's index within its stream is 64-bit (kernels/spar
 def validate(cfg: Config, world_size: Optional[int] = None, given: set[str] = frozenset()) -> None:
     """Reject impossible values with one line naming the key: the shared keys here, the task's and the model
     family's keys by their own checks. ``given``: the keys set on the command line."""
-    from datamodules import task_class
-    from lightning_modules import model_family
     d, o, t = cfg.data, cfg.optim, cfg.trainer
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
@@ -268,7 +290,6 @@ def validate(cfg: Config, world_size: Optional[int] = None, given: set[str] = fr
          f"{t.max_steps} steps of data.batch_size {d.batch_size} exceed the 2**64 sample indices of a stream")
     need(t.num_nodes >= 1, "trainer.num_nodes", f"must be >= 1, got {t.num_nodes}")
     need(t.cpu_threads >= 0, "trainer.cpu_threads", f"must be >= 0, got {t.cpu_threads}")
-    need(t.fail_at_step >= 0, "trainer.fail_at_step", f"must be >= 0, got {t.fail_at_step}")
     need(t.steps_per_batch >= 0, "trainer.steps_per_batch", f"must be >= 0, got {t.steps_per_batch}")
     need(cfg.eval.every_n_steps >= 1, "eval.every_n_steps", f"must be >= 1, got {cfg.eval.every_n_steps}")
     need(cfg.eval.size >= 1, "eval.size", f"must be >= 1, got {cfg.eval.size}")
@@ -278,7 +299,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, given: set[str] = fr
     devices = t.devices
     need(devices == "auto" or (isinstance(devices, int) and devices >= 1) or isinstance(devices, list),
          "trainer.devices", f"must be a count >= 1, a list of ids or 'auto', got {devices!r}")
-    world_size = world_size or _world_size(cfg)
+    world_size = world_size or requested_world_size(cfg)
     if world_size:
         need(d.batch_size % world_size == 0, "data.batch_size",
              f"{d.batch_size} is not divisible by the world size {world_size}")
@@ -295,121 +316,12 @@ def need(ok: bool, key: str, problem: str) -> None:
         raise ConfigError(f"{key}: {problem}")
 
 
-# --- will it fit: the largest tensors of a run against the memory where they live ---------------
-EVAL_CHUNK = 2048  # held-out sequences per forward pass of a next-token evaluation, up to 48 tokens each
-EVAL_CHUNK_TOKENS = EVAL_CHUNK * 48  # and at most this many tokens per pass for longer sequences
-
-
-def eval_chunk(seq_len: int, size: int) -> int:
-    """Held-out sequences per evaluation forward pass (lightning_modules/next_token.py)."""
-    return max(1, min(EVAL_CHUNK, EVAL_CHUNK_TOKENS // seq_len, size))
-
-FLOAT, INDEX = 4, 8  # bytes of a float32 and of an int64 token
-PROCESS = 2**29  # the process itself: Python, torch and Lightning (~0.5 GiB resident)
-
-
-class Term(NamedTuple):
-    """A tensor (or a few alike) a run holds: ``bytes_each`` times the product of ``sizes``."""
-    what: str
-    sizes: list[tuple[str, int, Optional[str]]]  # (shown as, size, config key blamed for it or None)
-    bytes_each: int
-
-    @property
-    def bytes(self) -> int:
-        return math.prod(size for _, size, _ in self.sizes) * self.bytes_each
-
-
-def footprint(cfg: Config) -> list[Term]:
-    """The largest tensors one process of the run holds at once (its model family's estimate, meant to err high)."""
-    from datamodules import task_class
-    from lightning_modules import model_family
-    return model_family(cfg.model).footprint(cfg, task_class(cfg.data.task))
-
-
-def batch_sizes(cfg: Config) -> tuple[tuple[str, int, Optional[str]], tuple[str, int, Optional[str]]]:
-    """(steps per Lightning batch, local batch size) as footprint sizes."""
-    from datamodules import task_class
-    from datamodules.stream import steps_per_batch
-    d, t = cfg.data, cfg.trainer
-    world = _world_size(cfg) or 1
-    steps = min(steps_per_batch(cfg, world, task_class(d.task).step_bytes(cfg)), t.max_steps)
-    return ("steps per batch", steps, "trainer.steps_per_batch"), ("data.batch_size", max(1, d.batch_size // world),
-                                                                   "data.batch_size")
-
-
-def check_memory(cfg: Config) -> None:
-    """Refuse a run whose estimated largest tensors exceed the free memory of its device (or host)."""
-    free = available_memory(cfg)
-    if free is None:
-        return
-    available, where = free
-    terms = footprint(cfg)
-    processes = _local_processes(cfg) if where.startswith("host") else 1
-    total = processes * (PROCESS + sum(term.bytes for term in terms))
-    if total <= available:
-        return
-    worst = max(terms, key=lambda term: term.bytes)
-    key = max((k for _, _, k in worst.sizes if k), key=lambda k: _growth(cfg, k))
-    sizes = " x ".join(f"{name}={size}" if name[0].isalpha() else name for name, size, _ in worst.sizes)
-    times = f"{processes} processes on this host; " if processes > 1 else ""
-    raise ConfigError(f"{key}: the run needs about {_gib(total)} ({times}largest: {worst.what}, {sizes} x "
-                      f"{worst.bytes_each} bytes = {_gib(worst.bytes)}), more than the {_gib(available)} of {where}")
-
-
-def available_memory(cfg: Config) -> Optional[tuple[int, str]]:
-    """(free bytes, where) of the memory the run's tensors live in; None where that cannot be told.
-
-    CUDA runs: the device's free memory (torch.cuda.mem_get_info), if CUDA is available; CPU runs (and
-    ``auto`` without CUDA): MemAvailable of /proc/meminfo, else the available pages of os.sysconf.
-    """
-    accelerator = cfg.trainer.accelerator
-    if accelerator in ("gpu", "cuda", "auto"):
-        import torch
-        if torch.cuda.is_available():
-            index = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-            devices = cfg.trainer.devices
-            index = devices[index] if isinstance(devices, list) and index < len(devices) else index
-            if not isinstance(index, int) or not 0 <= index < torch.cuda.device_count():
-                return None
-            return torch.cuda.mem_get_info(index)[0], f"free memory of cuda:{index}"
-        if accelerator != "auto":
-            return None
-    elif accelerator != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-        return kib * 1024, "host memory available (MemAvailable)"
-    except (OSError, StopIteration, ValueError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host memory available (sysconf)"
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _world_size(cfg: Config) -> Optional[int]:
+def requested_world_size(cfg: Config) -> Optional[int]:
+    """The processes the trainer section asks for, devices x nodes (None for devices=auto)."""
     devices = cfg.trainer.devices
     if devices == "auto":
         return None
     return (devices if isinstance(devices, int) else len(devices)) * cfg.trainer.num_nodes
-
-
-def _local_processes(cfg: Config) -> int:
-    """Processes of the run on this host (each holds its own copy of the tensors)."""
-    devices = cfg.trainer.devices
-    return devices if isinstance(devices, int) else len(devices) if isinstance(devices, list) else 1
-
-
-def _growth(cfg: Config, key: str) -> float:
-    """How many times its schema default a size key is (which key made a tensor too big)."""
-    section, name = key.split(".")
-    node = getattr(cfg, section)
-    return getattr(node, name) / max(getattr(type(node)(), name), 1)
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
 
 
 def to_yaml(cfg: Config) -> str:

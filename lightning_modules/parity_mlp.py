@@ -191,10 +191,6 @@ class ParityMLP(ModelFamily, L.LightningModule):
                 return "cpp"
         return "fused"
 
-    def activation_grad(self, z: torch.Tensor) -> torch.Tensor:
-        act, p = self.net.activation, self.net.power
-        return (z > 0).to(z.dtype) if act == "relu" else z.cos() if act == "sin" else p * z.pow(p - 1)
-
     def losses_and_grad(self, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """losses(f, y) and d(their sum)/df (E, B), written out by hand."""
         loss, batch = self.cfg.model.loss, f.shape[1]
@@ -212,9 +208,8 @@ class ParityMLP(ModelFamily, L.LightningModule):
         net = self.net
         z = net.pre_activations(x)
         h = net.act(z)
-        f = torch.baddbmm(net.b2.view(-1, 1, 1), net.w2.unsqueeze(1), h.transpose(1, 2)).squeeze(1)
-        loss, g = self.losses_and_grad(f, y)  # g: (E, B)
-        dz = self.activation_grad(z).mul_(g.unsqueeze(-1)).mul_(net.w2.unsqueeze(1))  # (E, B, width)
+        loss, g = self.losses_and_grad(net.readout(h), y)  # g: (E, B)
+        dz = net.act_backward_(g.unsqueeze(-1) * net.w2.unsqueeze(1), z, h)  # (E, B, width)
         grads = [torch.bmm(dz.transpose(1, 2), x), dz.sum(1),
                  torch.bmm(g.unsqueeze(1), h).squeeze(1), g.sum(1)]
         return loss, grads
@@ -247,7 +242,7 @@ class ParityMLP(ModelFamily, L.LightningModule):
             from lightning_modules import fused_cpu
             return fused_cpu.plain_sgd_steps(fused_cpu.extension(), first, net.w2.detach(), net.b2.detach(), xs, ys,
                                              lr, count)
-        relu, hinge = net.activation == "relu", self.cfg.model.loss == "hinge"
+        hinge = self.cfg.model.loss == "hinge"
         whole = members * steps * batch * (n + 1) * 4 <= WHOLE_BATCH_BYTES
         x = ys.new_ones(members, steps if whole else 1, batch, n + 1)  # [x, 1]: its product with first adds b1
         if whole:
@@ -268,8 +263,8 @@ class ParityMLP(ModelFamily, L.LightningModule):
             if not whole:
                 to_pm1(xs[:, j], steps_x[j][..., :n])
             torch.bmm(steps_x[j], first, out=z)
-            h = z.clamp_min_(0) if relu else net.act(z)
-            torch.baddbmm(b2, w2, z_t if relu else h.transpose(1, 2), out=f)  # w2 h^T: a row per member
+            h = net.act(z)
+            torch.baddbmm(b2, w2, z_t if h is z else h.transpose(1, 2), out=f)  # w2 h^T: a row per member
             if hinge:
                 torch.addcmul(one, y_j, f_row, value=-1, out=slack[j])
                 torch.ops.aten.threshold_backward.grad_input(scaled_y[j], slack[j], 0, grad_input=g)
@@ -277,10 +272,7 @@ class ParityMLP(ModelFamily, L.LightningModule):
                 losses[j], grad = self.losses_and_grad(f_row, y_j)
                 g.copy_(grad)
             torch.mul(g_col, w2, out=dz)  # (E, B, width)
-            if relu:
-                torch.ops.aten.threshold_backward.grad_input(dz, h, 0, grad_input=dz)  # dz * (z > 0)
-            else:
-                dz.mul_(self.activation_grad(z))
+            net.act_backward_(dz, z, h)
             count.before()
             w2.baddbmm_(g_row, h, alpha=-lr)
             b2.sub_(g.sum(1).view_as(b2), alpha=lr)

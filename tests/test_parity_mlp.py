@@ -13,6 +13,7 @@ from datamodules.parity import ParityTask, secret_for
 from datamodules.stream import Ticket, pm1
 from lightning_modules import cuda_graph
 from lightning_modules.parity_mlp import CHOICES, PATHS, ParityMLP
+from networks.mlp import MLPEnsemble
 from runtime.lightning_adapter import UNCOUNTED
 
 PARAMS = ("w1", "b1", "w2", "b2")
@@ -49,6 +50,29 @@ def test_hand_written_gradients_equal_autograd(activation, loss):
     assert torch.allclose(losses, auto.detach())
     for p, g in zip(model.net.parameters(), grads):
         assert torch.allclose(p.grad, g, atol=1e-12), p.shape
+
+
+@pytest.mark.parametrize("activation", CHOICES["activation"])
+def test_the_activation_derivative_is_autograds(activation):
+    net = MLPEnsemble(2, 5, 3, activation=activation, power=3).double()
+    z = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    dz = torch.randn(2, 4, 3, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(net.act(z.clone()), z, dz)
+    with torch.no_grad():
+        h = net.act(z.detach().clone())  # ReLU overwrites its input: act_backward_ reads h alone
+        assert torch.allclose(net.act_backward_(dz.clone(), z.detach(), h), expected, rtol=1e-12, atol=0)
+
+
+def test_an_unknown_activation_is_an_error_not_poly():
+    with pytest.raises(ValueError, match="activation 'tanh' is not one of relu, sin, poly"):
+        MLPEnsemble(2, 5, 3, activation="tanh")
+    net = MLPEnsemble(2, 5, 3)
+    net.activation = "tanh"  # set past the constructor: the forward and the derivative refuse it too
+    z = torch.ones(2, 4, 3)
+    with pytest.raises(ValueError, match="'tanh'"):
+        net(torch.ones(2, 4, 5))
+    with pytest.raises(ValueError, match="'tanh'"):
+        net.act_backward_(z.clone(), z, z)
 
 
 # --- every train path against autograd, from the config's own choices ---------------------------

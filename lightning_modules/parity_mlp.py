@@ -7,9 +7,10 @@ the loss is the sum of the members' mean losses, so each member's gradient, and 
 Autograd through ``forward`` and ``losses`` is the definition of training (``model.grad=autograd``). With
 ``model.grad=auto`` an accelerated step runs where it computes that same update: the gradient written out by
 hand (a two-layer MLP has a five-line backward; on small models autograd's bookkeeping costs more than the
-arithmetic), fused into the plain-SGD update (eagerly, as C++ with kernels.compile, or replayed as a CUDA
-graph). They hold only for the forward and loss they were derived from: a subclass that redefines either, or
-another network, trains by autograd. ``tests/test_parity_mlp.py`` checks each path against autograd.
+arithmetic), fused into the plain-SGD update (kernels/mlp_step.py: eagerly, as C++ with kernels.compile, or
+replayed as a CUDA graph). They are derived from the network's activation and its derivative
+(networks/mlp.py) and ``losses``; a subclass that redefines forward or losses, or another network, trains by
+autograd. ``tests/test_parity_mlp.py`` checks each path against autograd.
 """
 import math
 from dataclasses import dataclass
@@ -21,13 +22,14 @@ from torch import nn
 from config import FLOAT, INDEX, Config, EvalConfig, KernelsConfig, ModelConfig, Term, batch_sizes, need
 from datamodules import task_class
 from datamodules.stream import pm1
+from kernels import mlp_step_cpu, mlp_step_graph
+from kernels.mlp_step import Arithmetic, PlainSGD
 from lightning_modules.family import ModelFamily, register_model
-from lightning_modules import cuda_graph
 from lightning_modules.optimizers import clip_per_member, lightning_optimizers, optimizer, scheduled
 from networks.mlp import ACTIVATIONS, INITS, MLPEnsemble, mlp_ensemble
 from runtime import stopping
 from runtime.callbacks import log_evaluation, log_training
-from runtime.lightning_adapter import StepCounter, step_counter
+from runtime.lightning_adapter import UNCOUNTED, StepCounter, step_counter
 from metrics.hidden_progress import EXACT_MAX_N, HiddenProgress
 
 
@@ -57,7 +59,6 @@ class MLPKernelsConfig(KernelsConfig):
     compile: bool = False  # CPU: data generation and the ReLU/hinge SGD step as C++ (built once, ~40 s; cached)
 
 
-WHOLE_BATCH_BYTES = 2**22  # the fused step converts a batch's inputs to +/-1 in one call up to this size, else by step
 PATHS = {  # train_path -> what trains
     "autograd": "autograd through forward and losses",
     "gradient": "hand-written gradient + torch.optim",
@@ -65,14 +66,6 @@ PATHS = {  # train_path -> what trains
     "cpp": "hand-written gradient fused into the plain-SGD update, as C++ (kernels.compile)",
     "cuda_graph": "hand-written gradient fused into the plain-SGD update, replayed as a CUDA graph",
 }
-
-
-def to_pm1(xs: torch.Tensor, out: torch.Tensor) -> None:
-    """Inputs as +/-1 floats into ``out``: bits b as 1 - 2b, floats (already +/-1) as they are."""
-    if xs.is_floating_point():
-        out.copy_(xs)
-    else:
-        torch.mul(xs, -2.0, out=out).add_(1.0)
 
 
 @register_model("mlp")
@@ -183,11 +176,10 @@ class ParityMLP(ModelFamily, L.LightningModule):
             return "autograd"
         if o.name != "sgd" or o.momentum or o.weight_decay or o.grad_clip or scheduled(o):
             return "gradient"
-        if cuda_graph.uses_graph(device):
+        if mlp_step_graph.uses_graph(device):
             return "cuda_graph"
         if self.cfg.kernels.compile and device.type == "cpu" and m.activation == "relu" and m.loss == "hinge":
-            from lightning_modules import fused_cpu
-            if fused_cpu.extension() is not None:  # else one warning, and the eager fused step
+            if mlp_step_cpu.extension() is not None:  # else one warning, and the eager fused step
                 return "cpp"
         return "fused"
 
@@ -227,60 +219,20 @@ class ParityMLP(ModelFamily, L.LightningModule):
             self._first = first
         return first
 
-    @torch.no_grad()
-    def plain_sgd_steps(self, xs: torch.Tensor, ys: torch.Tensor, lr: float, count: StepCounter,
-                        cpp: bool = False) -> torch.Tensor:
-        """SGD without momentum or weight decay over xs (E, steps, B, n), +/-1 floats or bits: torch.optim.SGD's
-        update p <- p - lr * grad, each applied by the batched matmul that computes grad. Returns losses (steps, E).
-        ``cpp``: the C++ step (ReLU, hinge, bits on a CPU).
+    def plain_sgd(self, path: str = "fused") -> PlainSGD:
+        """The accelerated plain-SGD step of ``path`` (kernels/mlp_step.py) for this network and loss, made once."""
+        steps = self.__dict__.setdefault("_plain_sgd", {})
+        if path not in steps:
+            hinge = self.cfg.model.loss == "hinge"
+            steps[path] = PlainSGD(path, Arithmetic(self.net.act, self.net.act_backward_, self.losses_and_grad, hinge))
+        return steps[path]
 
-        Every buffer and view is made once per call, so that a step is a dozen ATen calls into fixed memory.
-        """
-        members, steps, batch, n = xs.shape
-        first, net = self.first_layer(), self.net
-        if cpp:
-            from lightning_modules import fused_cpu
-            return fused_cpu.plain_sgd_steps(fused_cpu.extension(), first, net.w2.detach(), net.b2.detach(), xs, ys,
-                                             lr, count)
-        hinge = self.cfg.model.loss == "hinge"
-        whole = members * steps * batch * (n + 1) * 4 <= WHOLE_BATCH_BYTES
-        x = ys.new_ones(members, steps if whole else 1, batch, n + 1)  # [x, 1]: its product with first adds b1
-        if whole:
-            to_pm1(xs, x[..., :n])
-        z, dz = ys.new_empty(members, batch, first.shape[2]), ys.new_empty(members, batch, first.shape[2])
-        f, g = ys.new_empty(members, 1, batch), ys.new_empty(members, batch)
-        w2, b2 = net.w2.detach().unsqueeze(1), net.b2.detach().view(-1, 1, 1)
-        z_t, f_row, g_col, g_row = z.transpose(1, 2), f.squeeze(1), g.unsqueeze(-1), g.unsqueeze(1)
-        if hinge:  # the hinge gradient is -y / B where the slack 1 - y f is positive: one threshold op a step
-            slack, one = ys.new_empty(steps, members, batch), ys.new_ones(())
-            scaled_y = (ys * (-1 / batch)).unbind(1)
-        else:
-            losses = ys.new_empty(steps, members)
-        steps_x, steps_x_t = x.unbind(1), x.transpose(2, 3).unbind(1)
-        if not whole:  # one buffer, filled at each step
-            steps_x, steps_x_t = steps_x * steps, steps_x_t * steps
-        for j, y_j in enumerate(ys.unbind(1)):  # no allocation of batch x width tensors
-            if not whole:
-                to_pm1(xs[:, j], steps_x[j][..., :n])
-            torch.bmm(steps_x[j], first, out=z)
-            h = net.act(z)
-            torch.baddbmm(b2, w2, z_t if h is z else h.transpose(1, 2), out=f)  # w2 h^T: a row per member
-            if hinge:
-                torch.addcmul(one, y_j, f_row, value=-1, out=slack[j])
-                torch.ops.aten.threshold_backward.grad_input(scaled_y[j], slack[j], 0, grad_input=g)
-            else:
-                losses[j], grad = self.losses_and_grad(f_row, y_j)
-                g.copy_(grad)
-            torch.mul(g_col, w2, out=dz)  # (E, B, width)
-            net.act_backward_(dz, z, h)
-            count.before()
-            w2.baddbmm_(g_row, h, alpha=-lr)
-            b2.sub_(g.sum(1).view_as(b2), alpha=lr)
-            first.baddbmm_(steps_x_t[j], dz, alpha=-lr)
-            count.after()
-            if stopping.requested():  # cut the batch short at this step
-                break
-        return slack[:j + 1].clamp_min_(0).mean(2) if hinge else losses[:j + 1]
+    def plain_sgd_steps(self, xs: torch.Tensor, ys: torch.Tensor, lr: float, count: StepCounter = UNCOUNTED,
+                        path: str = "fused") -> torch.Tensor:
+        """SGD without momentum or weight decay over xs (E, steps, B, n), +/-1 floats or bits, on ``path``; a stop
+        signal cuts the batch short. Returns losses (steps, E)."""
+        params = self.first_layer(), self.net.w2.detach(), self.net.b2.detach()
+        return self.plain_sgd(path)(params, xs, ys, lr, count, stopping.requested)
 
     def configure_optimizers(self):
         return lightning_optimizers(optimizer(self.parameters(), self.cfg.optim), self.cfg.optim,
@@ -305,8 +257,7 @@ class ParityMLP(ModelFamily, L.LightningModule):
         count = step_counter(opt)
         if path in ("fused", "cpp", "cuda_graph"):
             lr = opt.optimizer.param_groups[0]["lr"]
-            losses = [cuda_graph.plain_sgd_steps(self, batch.x, batch.y, lr, count) if path == "cuda_graph" else
-                      self.plain_sgd_steps(batch.x, batch.y, lr, count, cpp=path == "cpp")]
+            losses = [self.plain_sgd_steps(batch.x, batch.y, lr, count, path)]
         else:
             losses = self.optimizer_steps(batch, opt, count)
         step = self.trainer.global_step

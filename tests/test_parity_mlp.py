@@ -11,7 +11,7 @@ from conftest import checkpoint, train
 from config import CHOICES as CONFIG_CHOICES, OPTIMIZERS, compose
 from datamodules.parity import ParityTask, secret_for
 from datamodules.stream import Ticket, pm1
-from lightning_modules import cuda_graph
+from kernels import mlp_step_graph
 from lightning_modules.parity_mlp import CHOICES, PATHS, ParityMLP
 from networks.mlp import MLPEnsemble
 from runtime.lightning_adapter import UNCOUNTED
@@ -194,5 +194,5 @@ def test_the_graph_path_is_taken_only_where_a_graph_can_run():
     cfg = compose(["experiment=parity_mlp"])
     model = ParityMLP(cfg)
     assert model.choose_train_path(torch.device("cpu"), 1) == "fused"
-    assert model.choose_train_path(torch.device("cuda"), 1) == ("cuda_graph" if cuda_graph.ENABLED else "fused")
+    assert model.choose_train_path(torch.device("cuda"), 1) == ("cuda_graph" if mlp_step_graph.ENABLED else "fused")
     assert model.choose_train_path(torch.device("cpu"), 2) == "autograd"  # DDP averages autograd's gradients

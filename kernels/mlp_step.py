@@ -11,7 +11,8 @@ derivative are written once, in networks/mlp.py.
 as C++ on a CPU, kernels/mlp_step_cpu.py) or "cuda_graph" (the eager step replayed as a CUDA graph,
 kernels/mlp_step_graph.py). A step is counted by ``count.before()`` / ``count.after()`` around its update,
 and ``stop()``, asked after each step, cuts the batch short. Each path is tested against autograd
-(tests/test_parity_mlp.py).
+(tests/test_parity_mlp.py), and a run checks its path against autograd through the current forward before
+it trains (lightning_modules/parity_mlp.py).
 """
 import functools
 from typing import Callable, NamedTuple, Protocol

@@ -10,7 +10,9 @@ hand (a two-layer MLP has a five-line backward; on small models autograd's bookk
 arithmetic), fused into the plain-SGD update (kernels/mlp_step.py: eagerly, as C++ with kernels.compile, or
 replayed as a CUDA graph). They are derived from the network's activation and its derivative
 (networks/mlp.py) and ``losses``; a subclass that redefines forward or losses, or another network, trains by
-autograd. ``tests/test_parity_mlp.py`` checks each path against autograd.
+autograd. When fitting starts, the chosen step and autograd through the current forward and losses each take
+the first training step on copies of the parameters; where they differ, the run trains by autograd and
+says why in its one ``train path:`` line. ``tests/test_parity_mlp.py`` checks each path against autograd.
 """
 import math
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from torch import nn
 
 from config import FLOAT, INDEX, Config, EvalConfig, KernelsConfig, ModelConfig, Term, batch_sizes, need
 from datamodules import task_class
-from datamodules.stream import pm1
+from datamodules.stream import ClassifierBatch, Ticket, pm1
 from kernels import mlp_step_cpu, mlp_step_graph
 from kernels.mlp_step import Arithmetic, PlainSGD
 from lightning_modules.family import ModelFamily, register_model
@@ -66,6 +68,13 @@ PATHS = {  # train_path -> what trains
     "cpp": "hand-written gradient fused into the plain-SGD update, as C++ (kernels.compile)",
     "cuda_graph": "hand-written gradient fused into the plain-SGD update, replayed as a CUDA graph",
 }
+# check_train_path keeps a step where every weight it leaves is within CHECK_RTOL |w| + CHECK_STEP_TOL max |step|
+# (per tensor) of the one autograd leaves. In float32, rounding w - lr grad moves a weight by an ulp or two, and
+# summing a batch's gradient in another order moves the step by ~1e-7 of itself (measured); an edited forward or
+# loss moves it by a sizeable part of itself. A pre-activation within rounding of ReLU's kink (the paths then part
+# ways by one sample's share of the step) fails too: that run trains by autograd, slower, never wrong.
+CHECK_RTOL = 2**-21  # four float32 units in the last place
+CHECK_STEP_TOL = 1e-4
 
 
 @register_model("mlp")
@@ -234,22 +243,58 @@ class ParityMLP(ModelFamily, L.LightningModule):
         params = self.first_layer(), self.net.w2.detach(), self.net.b2.detach()
         return self.plain_sgd(path)(params, xs, ys, lr, count, stopping.requested)
 
+    def check_train_path(self, path: str, batch: ClassifierBatch) -> str | None:
+        """Why the accelerated ``path`` does not take autograd's step through the current forward and losses on the
+        batch's first SGD step, or None where it does. Both run on copies: the parameters stay as they are."""
+        x, y = batch.x[:, :1], batch.y[:, :1]
+        before = [p.detach().clone() for p in self.net.parameters()]  # w1, b1, w2, b2
+        leaves = [p.clone().requires_grad_() for p in before]
+        with torch.enable_grad():
+            names = [f"net.{name}" for name, _ in self.net.named_parameters()]
+            f = torch.func.functional_call(self, dict(zip(names, leaves)), (pm1(x[:, 0]),))
+            grads = torch.autograd.grad(self.losses(f, y[:, 0]).sum(), leaves)
+        if path == "gradient":  # torch.optim steps on either path: compare the gradients it is given
+            fast, auto = self.loss_and_grads(pm1(x[:, 0]), y[:, 0])[1], grads
+            before = [torch.zeros_like(g) for g in grads]
+        else:  # autograd + torch.optim.SGD, as model.grad=autograd trains, against the fused step
+            for p, g in zip(leaves, grads):
+                p.grad = g
+            optimizer(leaves, self.cfg.optim).step()
+            auto = [p.detach() for p in leaves]
+            w1, b1, w2, b2 = (p.clone() for p in before)
+            first = torch.cat([w1.transpose(1, 2), b1.unsqueeze(1)], dim=1)
+            sgd = self.plain_sgd(path)
+            step = sgd.eager if path == "cuda_graph" else sgd  # a graph replays the eager step's kernels
+            step((first, w2, b2), x, y, self.cfg.optim.lr)
+            fast = [first[:, :-1].transpose(1, 2), first[:, -1], w2, b2]
+        agree, worst = True, 0.0
+        for a, b, b0 in zip(fast, auto, before):
+            error = (a - b).abs()
+            agree &= bool((error <= CHECK_RTOL * b.abs() + CHECK_STEP_TOL * (b - b0).abs().max()).all())
+            worst = max(worst, float(error.max()))
+        what = "grad" if path == "gradient" else "w"
+        return None if agree else (f"the {path} step differs from autograd through the current forward and losses: "
+                                   f"max |d{what}| = {worst:.1e}")
+
     def configure_optimizers(self):
         return lightning_optimizers(optimizer(self.parameters(), self.cfg.optim), self.cfg.optim,
                                     self.cfg.trainer.max_steps)
 
     def on_fit_start(self) -> None:
-        """Choose the train path; make the held-out set (and what the measures keep of it) before training starts,
-        as a dataset would be, so that the first evaluation does not pay for it."""
-        self.train_path = self.choose_train_path(self.device, self.trainer.world_size)
-        dm = self.trainer.datamodule
+        """Choose the train path and check it on the first training step's batch; make the held-out set (and what
+        the measures keep of it) before training starts, as a dataset would be, so that the first evaluation does
+        not pay for it."""
+        dm, path, why = self.trainer.datamodule, self.choose_train_path(self.device, self.trainer.world_size), None
+        if path != "autograd":
+            why = self.check_train_path(path, dm.generate(Ticket(0, 1, 0, 1), self.device))
+        self.train_path = "autograd" if why else path
         x = dm.eval_set(self.device)[0]
         if self.cfg.eval.hidden_progress and self.cfg.data.n > EXACT_MAX_N:
             self.hidden_progress.fourier.characters(x[0], dm.secret)
         if self.logger is not None:
             self.logger.experiment  # noqa: B018 (TensorBoard's writer opens its event file here, not in the first step)
         if self.trainer.is_global_zero:
-            print(f"train path: {self.train_path} ({PATHS[self.train_path]})", flush=True)
+            print(f"train path: {self.train_path} ({why or PATHS[self.train_path]})", flush=True)
 
     def training_step(self, batch, batch_idx: int) -> None:
         """Run the batch's SGD steps on its train path: batch.x is (E, steps, local batch, n)."""

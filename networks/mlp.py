@@ -3,8 +3,8 @@
 Member e computes f_e(x) = w2_e . act(w1_e x + b1_e) + b2_e with w1 (E, width, n), b1 (E, width), w2 (E, width),
 b2 (E,). ``forward`` is the definition: autograd through it is how the network trains. The activation and its
 derivative are written once, here (``act``, ``act_backward_``); the hand-written gradient
-(lightning_modules/parity_mlp.py) and the fused steps (kernels/mlp_step.py) use them and are tested against
-autograd through ``forward``.
+(lightning_modules/parity_mlp.py) and the fused steps (kernels/mlp_step.py) use them, are tested against
+autograd through ``forward``, and are checked against it when a run starts.
 """
 import hashlib
 import math

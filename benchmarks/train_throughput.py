@@ -95,9 +95,8 @@ def breakdown(ensemble: int, device: torch.device, steps: int = 100, repeats: in
     from config import compose
     from datamodules.parity import ParityTask
     from datamodules.stream import Ticket, pm1
-    from lightning_modules import cuda_graph
+    from kernels import mlp_step_cpu
     from lightning_modules.parity_mlp import ParityMLP
-    from lightning_modules.lightning_adapter import UNCOUNTED
 
     cfg = compose(["experiment=parity_mlp", f"model.ensemble={ensemble}"])
     data, model = ParityTask(cfg), ParityMLP(cfg).to(device)
@@ -115,17 +114,18 @@ def breakdown(ensemble: int, device: torch.device, steps: int = 100, repeats: in
     parts = {"data generation": lambda: data.generate(ticket, device)}
     if device.type == "cuda":  # train.py's step is the graph; a key's first call is eager, its second captures
         graphed = ParityMLP(cfg).to(device)
-        parts["fused SGD step, eager"] = lambda: model.plain_sgd_steps(batch.x, batch.y, lr, UNCOUNTED)
+        parts["fused SGD step, eager"] = lambda: model.plain_sgd_steps(batch.x, batch.y, lr)
         parts["fused SGD step as a CUDA graph (train.py)"] = \
-            lambda: cuda_graph.plain_sgd_steps(graphed, batch.x, batch.y, lr, UNCOUNTED)
+            lambda: graphed.plain_sgd_steps(batch.x, batch.y, lr, path="cuda_graph")
     else:
         compiled_cfg = compose(["experiment=parity_mlp", f"model.ensemble={ensemble}", "kernels.compile=true"])
         compiled = ParityTask(compiled_cfg)
         compiled_model = ParityMLP.build(compiled_cfg, compiled)  # the family hands the task kernels.compile
         parts["data generation, C++ (kernels.compile)"] = lambda: compiled.generate(ticket, device)
-        parts["fused SGD step (train.py)"] = lambda: model.plain_sgd_steps(batch.x, batch.y, lr, UNCOUNTED)
-        parts["fused SGD step, C++ (kernels.compile)"] = \
-            lambda: compiled_model.plain_sgd_steps(batch.x, batch.y, lr, UNCOUNTED)
+        parts["fused SGD step (train.py)"] = lambda: model.plain_sgd_steps(batch.x, batch.y, lr)
+        if mlp_step_cpu.extension() is not None:
+            parts["fused SGD step, C++ (kernels.compile)"] = \
+                lambda: compiled_model.plain_sgd_steps(batch.x, batch.y, lr, path="cpp")
     parts["gradients + torch.optim.SGD"] = optimizer_steps
     rates, warm_up = {}, 2 if device.type == "cuda" else 1  # on a GPU the second run captures the graph
     for name, part in parts.items():

@@ -20,13 +20,6 @@ class StepCounter(NamedTuple):
     after: Callable[[], None]
 
 
-def _nothing() -> None:
-    pass
-
-
-UNCOUNTED = StepCounter(_nothing, _nothing)  # for steps Lightning must not count (a CUDA graph's capture)
-
-
 def step_counter(opt) -> StepCounter:
     """The step counter of Lightning's optimizer wrapper ``opt`` (``self.optimizers()`` in a LightningModule)."""
     try:
@@ -34,13 +27,6 @@ def step_counter(opt) -> StepCounter:
     except AttributeError:
         raise RuntimeError(f"lightning {L.__version__}: LightningOptimizer has no _on_before_step/_on_after_step; "
                            "lightning_modules/lightning_adapter.py needs updating for this version") from None
-
-
-def count_steps(counter: StepCounter, steps: int) -> None:
-    """Count ``steps`` steps already taken (a CUDA graph's replay)."""
-    for _ in range(steps):
-        counter.before()
-        counter.after()
 
 
 def batches_that_stepped(trainer: L.Trainer) -> int:

@@ -7,9 +7,12 @@ the loss is the sum of the members' mean losses, so each member's gradient, and 
 Autograd through ``forward`` and ``losses`` is the definition of training (``model.grad=autograd``). With
 ``model.grad=auto`` an accelerated step runs where it computes that same update: the gradient written out by
 hand (a two-layer MLP has a five-line backward; on small models autograd's bookkeeping costs more than the
-arithmetic), fused into the plain-SGD update (eagerly, as C++ with kernels.compile, or replayed as a CUDA
-graph). They hold only for the forward and loss they were derived from: a subclass that redefines either, or
-another network, trains by autograd. ``tests/test_parity_mlp.py`` checks each path against autograd.
+arithmetic), fused into the plain-SGD update (kernels/mlp_step.py: eagerly, as C++ with kernels.compile, or
+replayed as a CUDA graph). They are derived from the network's activation and its derivative
+(networks/mlp.py) and ``losses``; a subclass that redefines forward or losses, or another network, trains by
+autograd. When fitting starts, the chosen step and autograd through the current forward and losses each take
+the first training step on copies of the parameters; where they differ, the run trains by autograd and
+says why in its one ``train path:`` line. ``tests/test_parity_mlp.py`` checks each path against autograd.
 """
 import math
 
@@ -18,8 +21,10 @@ import torch
 from torch import nn
 
 from config import Config, task_class
-from datamodules.stream import batch_sizes, pm1
-from lightning_modules import cuda_graph, stopping
+from datamodules.stream import ClassifierBatch, Ticket, batch_sizes, pm1
+from kernels import mlp_step_cpu, mlp_step_graph
+from kernels.mlp_step import UNCOUNTED, Arithmetic, PlainSGD
+from lightning_modules import stopping
 from lightning_modules.family import FLOAT, INDEX, Term
 from lightning_modules.lightning_adapter import StepCounter, step_counter
 from lightning_modules.logs import log_evaluation, log_training
@@ -29,7 +34,6 @@ from metrics.hidden_progress import EXACT_MAX_N, HiddenProgress
 from networks.mlp import MLPEnsemble, mlp_ensemble
 
 
-WHOLE_BATCH_BYTES = 2**22  # the fused step converts a batch's inputs to +/-1 in one call up to this size, else by step
 PATHS = {  # train_path -> what trains
     "autograd": "autograd through forward and losses",
     "gradient": "hand-written gradient + torch.optim",
@@ -37,14 +41,13 @@ PATHS = {  # train_path -> what trains
     "cpp": "hand-written gradient fused into the plain-SGD update, as C++ (kernels.compile)",
     "cuda_graph": "hand-written gradient fused into the plain-SGD update, replayed as a CUDA graph",
 }
-
-
-def to_pm1(xs: torch.Tensor, out: torch.Tensor) -> None:
-    """Inputs as +/-1 floats into ``out``: bits b as 1 - 2b, floats (already +/-1) as they are."""
-    if xs.is_floating_point():
-        out.copy_(xs)
-    else:
-        torch.mul(xs, -2.0, out=out).add_(1.0)
+# check_train_path keeps a step where every weight it leaves is within CHECK_RTOL |w| + CHECK_STEP_TOL max |step|
+# (per tensor) of the one autograd leaves. In float32, rounding w - lr grad moves a weight by an ulp or two, and
+# summing a batch's gradient in another order moves the step by ~1e-7 of itself (measured); an edited forward or
+# loss moves it by a sizeable part of itself. A pre-activation within rounding of ReLU's kink (the paths then part
+# ways by one sample's share of the step) fails too: that run trains by autograd, slower, never wrong.
+CHECK_RTOL = 2**-21  # four float32 units in the last place
+CHECK_STEP_TOL = 1e-4
 
 
 class ParityMLP(MLPFamily, L.LightningModule):
@@ -140,17 +143,12 @@ class ParityMLP(MLPFamily, L.LightningModule):
             return "autograd"
         if o.name != "sgd" or o.momentum or o.weight_decay or o.grad_clip or scheduled(o):
             return "gradient"
-        if cuda_graph.uses_graph(device):
+        if mlp_step_graph.uses_graph(device):
             return "cuda_graph"
         if self.cfg.kernels.compile and device.type == "cpu" and m.activation == "relu" and m.loss == "hinge":
-            from lightning_modules import fused_cpu
-            if fused_cpu.extension() is not None:  # else one warning, and the eager fused step
+            if mlp_step_cpu.extension() is not None:  # else one warning, and the eager fused step
                 return "cpp"
         return "fused"
-
-    def activation_grad(self, z: torch.Tensor) -> torch.Tensor:
-        act, p = self.net.activation, self.net.power
-        return (z > 0).to(z.dtype) if act == "relu" else z.cos() if act == "sin" else p * z.pow(p - 1)
 
     def losses_and_grad(self, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """losses(f, y) and d(their sum)/df (E, B), written out by hand."""
@@ -169,9 +167,8 @@ class ParityMLP(MLPFamily, L.LightningModule):
         net = self.net
         z = net.pre_activations(x)
         h = net.act(z)
-        f = torch.baddbmm(net.b2.view(-1, 1, 1), net.w2.unsqueeze(1), h.transpose(1, 2)).squeeze(1)
-        loss, g = self.losses_and_grad(f, y)  # g: (E, B)
-        dz = self.activation_grad(z).mul_(g.unsqueeze(-1)).mul_(net.w2.unsqueeze(1))  # (E, B, width)
+        loss, g = self.losses_and_grad(net.readout(h), y)  # g: (E, B)
+        dz = net.act_backward_(g.unsqueeze(-1) * net.w2.unsqueeze(1), z, h)  # (E, B, width)
         grads = [torch.bmm(dz.transpose(1, 2), x), dz.sum(1),
                  torch.bmm(g.unsqueeze(1), h).squeeze(1), g.sum(1)]
         return loss, grads
@@ -189,80 +186,73 @@ class ParityMLP(MLPFamily, L.LightningModule):
             self._first = first
         return first
 
-    @torch.no_grad()
-    def plain_sgd_steps(self, xs: torch.Tensor, ys: torch.Tensor, lr: float, count: StepCounter,
-                        cpp: bool = False) -> torch.Tensor:
-        """SGD without momentum or weight decay over xs (E, steps, B, n), +/-1 floats or bits: torch.optim.SGD's
-        update p <- p - lr * grad, each applied by the batched matmul that computes grad. Returns losses (steps, E).
-        ``cpp``: the C++ step (ReLU, hinge, bits on a CPU).
+    def plain_sgd(self, path: str = "fused") -> PlainSGD:
+        """The accelerated plain-SGD step of ``path`` (kernels/mlp_step.py) for this network and loss, made once."""
+        steps = self.__dict__.setdefault("_plain_sgd", {})
+        if path not in steps:
+            hinge = self.cfg.model.loss == "hinge"
+            steps[path] = PlainSGD(path, Arithmetic(self.net.act, self.net.act_backward_, self.losses_and_grad, hinge))
+        return steps[path]
 
-        Every buffer and view is made once per call, so that a step is a dozen ATen calls into fixed memory.
-        """
-        members, steps, batch, n = xs.shape
-        first, net = self.first_layer(), self.net
-        if cpp:
-            from lightning_modules import fused_cpu
-            return fused_cpu.plain_sgd_steps(fused_cpu.extension(), first, net.w2.detach(), net.b2.detach(), xs, ys,
-                                             lr, count)
-        relu, hinge = net.activation == "relu", self.cfg.model.loss == "hinge"
-        whole = members * steps * batch * (n + 1) * 4 <= WHOLE_BATCH_BYTES
-        x = ys.new_ones(members, steps if whole else 1, batch, n + 1)  # [x, 1]: its product with first adds b1
-        if whole:
-            to_pm1(xs, x[..., :n])
-        z, dz = ys.new_empty(members, batch, first.shape[2]), ys.new_empty(members, batch, first.shape[2])
-        f, g = ys.new_empty(members, 1, batch), ys.new_empty(members, batch)
-        w2, b2 = net.w2.detach().unsqueeze(1), net.b2.detach().view(-1, 1, 1)
-        z_t, f_row, g_col, g_row = z.transpose(1, 2), f.squeeze(1), g.unsqueeze(-1), g.unsqueeze(1)
-        if hinge:  # the hinge gradient is -y / B where the slack 1 - y f is positive: one threshold op a step
-            slack, one = ys.new_empty(steps, members, batch), ys.new_ones(())
-            scaled_y = (ys * (-1 / batch)).unbind(1)
-        else:
-            losses = ys.new_empty(steps, members)
-        steps_x, steps_x_t = x.unbind(1), x.transpose(2, 3).unbind(1)
-        if not whole:  # one buffer, filled at each step
-            steps_x, steps_x_t = steps_x * steps, steps_x_t * steps
-        for j, y_j in enumerate(ys.unbind(1)):  # no allocation of batch x width tensors
-            if not whole:
-                to_pm1(xs[:, j], steps_x[j][..., :n])
-            torch.bmm(steps_x[j], first, out=z)
-            h = z.clamp_min_(0) if relu else net.act(z)
-            torch.baddbmm(b2, w2, z_t if relu else h.transpose(1, 2), out=f)  # w2 h^T: a row per member
-            if hinge:
-                torch.addcmul(one, y_j, f_row, value=-1, out=slack[j])
-                torch.ops.aten.threshold_backward.grad_input(scaled_y[j], slack[j], 0, grad_input=g)
-            else:
-                losses[j], grad = self.losses_and_grad(f_row, y_j)
-                g.copy_(grad)
-            torch.mul(g_col, w2, out=dz)  # (E, B, width)
-            if relu:
-                torch.ops.aten.threshold_backward.grad_input(dz, h, 0, grad_input=dz)  # dz * (z > 0)
-            else:
-                dz.mul_(self.activation_grad(z))
-            count.before()
-            w2.baddbmm_(g_row, h, alpha=-lr)
-            b2.sub_(g.sum(1).view_as(b2), alpha=lr)
-            first.baddbmm_(steps_x_t[j], dz, alpha=-lr)
-            count.after()
-            if stopping.requested():  # cut the batch short at this step
-                break
-        return slack[:j + 1].clamp_min_(0).mean(2) if hinge else losses[:j + 1]
+    def plain_sgd_steps(self, xs: torch.Tensor, ys: torch.Tensor, lr: float, count: StepCounter = UNCOUNTED,
+                        path: str = "fused") -> torch.Tensor:
+        """SGD without momentum or weight decay over xs (E, steps, B, n), +/-1 floats or bits, on ``path``; a stop
+        signal cuts the batch short. Returns losses (steps, E)."""
+        params = self.first_layer(), self.net.w2.detach(), self.net.b2.detach()
+        return self.plain_sgd(path)(params, xs, ys, lr, count, stopping.requested)
+
+    def check_train_path(self, path: str, batch: ClassifierBatch) -> str | None:
+        """Why the accelerated ``path`` does not take autograd's step through the current forward and losses on the
+        batch's first SGD step, or None where it does. Both run on copies: the parameters stay as they are."""
+        x, y = batch.x[:, :1], batch.y[:, :1]
+        before = [p.detach().clone() for p in self.net.parameters()]  # w1, b1, w2, b2
+        leaves = [p.clone().requires_grad_() for p in before]
+        with torch.enable_grad():
+            names = [f"net.{name}" for name, _ in self.net.named_parameters()]
+            f = torch.func.functional_call(self, dict(zip(names, leaves)), (pm1(x[:, 0]),))
+            grads = torch.autograd.grad(self.losses(f, y[:, 0]).sum(), leaves)
+        if path == "gradient":  # torch.optim steps on either path: compare the gradients it is given
+            fast, auto = self.loss_and_grads(pm1(x[:, 0]), y[:, 0])[1], grads
+            before = [torch.zeros_like(g) for g in grads]
+        else:  # autograd + torch.optim.SGD, as model.grad=autograd trains, against the fused step
+            for p, g in zip(leaves, grads):
+                p.grad = g
+            optimizer(leaves, self.cfg.optim).step()
+            auto = [p.detach() for p in leaves]
+            w1, b1, w2, b2 = (p.clone() for p in before)
+            first = torch.cat([w1.transpose(1, 2), b1.unsqueeze(1)], dim=1)
+            sgd = self.plain_sgd(path)
+            step = sgd.eager if path == "cuda_graph" else sgd  # a graph replays the eager step's kernels
+            step((first, w2, b2), x, y, self.cfg.optim.lr)
+            fast = [first[:, :-1].transpose(1, 2), first[:, -1], w2, b2]
+        agree, worst = True, 0.0
+        for a, b, b0 in zip(fast, auto, before):
+            error = (a - b).abs()
+            agree &= bool((error <= CHECK_RTOL * b.abs() + CHECK_STEP_TOL * (b - b0).abs().max()).all())
+            worst = max(worst, float(error.max()))
+        what = "grad" if path == "gradient" else "w"
+        return None if agree else (f"the {path} step differs from autograd through the current forward and losses: "
+                                   f"max |d{what}| = {worst:.1e}")
 
     def configure_optimizers(self):
         return lightning_optimizers(optimizer(self.parameters(), self.cfg.optim), self.cfg.optim,
                                     self.cfg.trainer.max_steps)
 
     def on_fit_start(self) -> None:
-        """Choose the train path; make the held-out set (and what the measures keep of it) before training starts,
-        as a dataset would be, so that the first evaluation does not pay for it."""
-        self.train_path = self.choose_train_path(self.device, self.trainer.world_size)
-        dm = self.trainer.datamodule
+        """Choose the train path and check it on the first training step's batch; make the held-out set (and what
+        the measures keep of it) before training starts, as a dataset would be, so that the first evaluation does
+        not pay for it."""
+        dm, path, why = self.trainer.datamodule, self.choose_train_path(self.device, self.trainer.world_size), None
+        if path != "autograd":
+            why = self.check_train_path(path, dm.generate(Ticket(0, 1, 0, 1), self.device))
+        self.train_path = "autograd" if why else path
         x = dm.eval_set(self.device)[0]
         if self.hidden_progress is not None and self.inputs > EXACT_MAX_N:
             self.hidden_progress.fourier.characters(x[0], dm.secret)
         if self.logger is not None:
             self.logger.experiment  # noqa: B018 (TensorBoard's writer opens its event file here, not in the first step)
         if self.trainer.is_global_zero:
-            print(f"train path: {self.train_path} ({PATHS[self.train_path]})", flush=True)
+            print(f"train path: {self.train_path} ({why or PATHS[self.train_path]})", flush=True)
 
     def training_step(self, batch, batch_idx: int) -> None:
         """Run the batch's SGD steps on its train path: batch.x is (E, steps, local batch, n)."""
@@ -270,8 +260,7 @@ class ParityMLP(MLPFamily, L.LightningModule):
         count = step_counter(opt)
         if path in ("fused", "cpp", "cuda_graph"):
             lr = opt.optimizer.param_groups[0]["lr"]
-            losses = [cuda_graph.plain_sgd_steps(self, batch.x, batch.y, lr, count) if path == "cuda_graph" else
-                      self.plain_sgd_steps(batch.x, batch.y, lr, count, cpp=path == "cpp")]
+            losses = [self.plain_sgd_steps(batch.x, batch.y, lr, count, path)]
         else:
             losses = self.optimizer_steps(batch, opt, count)
         step = self.trainer.global_step

@@ -1,8 +1,10 @@
 """An ensemble of E independent two-layer MLPs, held as batched tensors (the parity classifier's network).
 
 Member e computes f_e(x) = w2_e . act(w1_e x + b1_e) + b2_e with w1 (E, width, n), b1 (E, width), w2 (E, width),
-b2 (E,). ``forward`` is the definition: autograd through it is how the network trains, and any faster step
-(lightning_modules/parity_mlp.py) is checked against it.
+b2 (E,). ``forward`` is the definition: autograd through it is how the network trains. The activation and its
+derivative are written once, here (``act``, ``act_backward_``); the hand-written gradient
+(lightning_modules/parity_mlp.py) and the fused steps (kernels/mlp_step.py) use them, are tested against
+autograd through ``forward``, and are checked against it when a run starts.
 """
 import hashlib
 import math
@@ -26,18 +28,37 @@ class MLPEnsemble(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(members))
 
     def act(self, z: torch.Tensor) -> torch.Tensor:
-        return z.relu() if self.activation == "relu" else z.sin() if self.activation == "sin" else z.pow(self.power)
+        """h = act(z); ReLU overwrites z (its derivative needs only h)."""
+        if self.activation == "relu":
+            return z.relu_()
+        if self.activation == "sin":
+            return z.sin()
+        if self.activation == "poly":
+            return z.pow(self.power)
+        raise ValueError(f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
+
+    def act_backward_(self, dz: torch.Tensor, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """dz * act'(z), in place in dz, from z and h = act(z) (ReLU reads h only: z may be h)."""
+        if self.activation == "relu":  # what autograd runs for relu: dz where h > 0, else 0
+            return torch.ops.aten.threshold_backward.grad_input(dz, h, 0, grad_input=dz)
+        if self.activation == "sin":
+            return dz.mul_(z.cos())
+        if self.activation == "poly":
+            return dz.mul_(z.pow(self.power - 1).mul_(self.power))
+        raise ValueError(f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """w1 x + b1, (E, B, width), for inputs x (E, B, n)."""
         return torch.bmm(x, self.w1.transpose(1, 2)).add_(self.b1.unsqueeze(1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Outputs f (E, B) for inputs x (E, B, n)."""
-        z = self.pre_activations(x)
-        h = z.relu_() if self.activation == "relu" else self.act(z)  # in place: ReLU's backward needs only h
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """w2 . h + b2, (E, B), for hidden activations h (E, B, width)."""
         # w2 h^T, a row per member: far faster than h w2 as a batched matrix-vector product
         return torch.baddbmm(self.b2.view(-1, 1, 1), self.w2.unsqueeze(1), h.transpose(1, 2)).squeeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Outputs f (E, B) for inputs x (E, B, n)."""
+        return self.readout(self.act(self.pre_activations(x)))
 
 
 def member_generator(seed: int, member: int) -> torch.Generator:

@@ -11,10 +11,11 @@ from conftest import checkpoint, train
 from config import CHOICES as CONFIG_CHOICES, OPTIMIZERS, compose
 from datamodules.parity import ParityTask, secret_for
 from datamodules.stream import Ticket, pm1
-from lightning_modules import cuda_graph
+from kernels import mlp_step_graph
+from kernels.mlp_step import UNCOUNTED
 from lightning_modules.mlp_config import CHOICES
 from lightning_modules.parity_mlp import PATHS, ParityMLP
-from lightning_modules.lightning_adapter import UNCOUNTED
+from networks.mlp import MLPEnsemble
 
 PARAMS = ("w1", "b1", "w2", "b2")
 
@@ -50,6 +51,29 @@ def test_hand_written_gradients_equal_autograd(activation, loss):
     assert torch.allclose(losses, auto.detach())
     for p, g in zip(model.net.parameters(), grads):
         assert torch.allclose(p.grad, g, atol=1e-12), p.shape
+
+
+@pytest.mark.parametrize("activation", CHOICES["activation"])
+def test_the_activation_derivative_is_autograds(activation):
+    net = MLPEnsemble(2, 5, 3, activation=activation, power=3).double()
+    z = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    dz = torch.randn(2, 4, 3, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(net.act(z.clone()), z, dz)
+    with torch.no_grad():
+        h = net.act(z.detach().clone())  # ReLU overwrites its input: act_backward_ reads h alone
+        assert torch.allclose(net.act_backward_(dz.clone(), z.detach(), h), expected, rtol=1e-12, atol=0)
+
+
+def test_an_unknown_activation_is_an_error_not_poly():
+    with pytest.raises(ValueError, match="activation 'tanh' is not one of relu, sin, poly"):
+        MLPEnsemble(2, 5, 3, activation="tanh")
+    net = MLPEnsemble(2, 5, 3)
+    net.activation = "tanh"  # set past the constructor: the forward and the derivative refuse it too
+    z = torch.ones(2, 4, 3)
+    with pytest.raises(ValueError, match="'tanh'"):
+        net(torch.ones(2, 4, 5))
+    with pytest.raises(ValueError, match="'tanh'"):
+        net.act_backward_(z.clone(), z, z)
 
 
 # --- every train path against autograd, from the config's own choices ---------------------------
@@ -171,5 +195,5 @@ def test_the_graph_path_is_taken_only_where_a_graph_can_run():
     cfg = compose(["experiment=parity_mlp"])
     model = ParityMLP(cfg)
     assert model.choose_train_path(torch.device("cpu"), 1) == "fused"
-    assert model.choose_train_path(torch.device("cuda"), 1) == ("cuda_graph" if cuda_graph.ENABLED else "fused")
+    assert model.choose_train_path(torch.device("cuda"), 1) == ("cuda_graph" if mlp_step_graph.ENABLED else "fused")
     assert model.choose_train_path(torch.device("cpu"), 2) == "autograd"  # DDP averages autograd's gradients

@@ -1,4 +1,5 @@
-"""The elementwise half of the ensemble's plain-SGD step as one C++ loop nest (CPU, ReLU, hinge loss).
+"""The elementwise half of the MLP ensemble's plain-SGD step (kernels/mlp_step.py) as one C++ loop nest (CPU,
+ReLU, hinge loss).
 
 Between the two batched matmuls of a step (``[x, 1] @ [w1^T; b1]`` and the first-layer update) the
 eager step makes a dozen passes over (members, batch, width) tensors. Here one pass per sample does
@@ -9,10 +10,12 @@ eager step to rounding, not to the bit; members stay independent, so a member in
 equals the member alone. Built with torch.utils.cpp_extension on first use (a C++ compiler, ~20 s,
 cached across runs); ``kernels.compile=true`` turns it on.
 """
+from typing import Callable
+
 import torch
 
 from kernels.cpp import build
-from lightning_modules import stopping
+from kernels.mlp_step import UNCOUNTED, Counter, Params, never
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -82,17 +85,19 @@ void hinge_relu_step(torch::Tensor z, torch::Tensor w2, torch::Tensor b2, torch:
 }
 """
 
+
 def extension():
     """The compiled module, or None where it cannot be built (one warning)."""
     return build("paritylab_fused_cpu", SOURCE, ("bits_to_pm1", "hinge_relu_step"))
 
 
 @torch.no_grad()
-def plain_sgd_steps(ext, first: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, xs: torch.Tensor,
-                    ys: torch.Tensor, lr: float, count) -> torch.Tensor:
-    """ParityMLP.plain_sgd_steps for ReLU + hinge on a CPU, with the compiled module ``ext``: xs (E, steps, B, n)
-    bits, ys (E, steps, B) +/-1; updates first = [w1^T; b1] (E, n + 1, W), w2 (E, W), b2 (E,) in place.
-    Returns losses (steps, E)."""
+def hinge_relu_sgd_steps(ext, params: Params, xs: torch.Tensor, ys: torch.Tensor, lr: float,
+                         count: Counter = UNCOUNTED, stop: Callable[[], bool] = never) -> torch.Tensor:
+    """kernels.mlp_step.fused_sgd_steps for ReLU and the hinge loss, with the compiled module ``ext``: xs
+    (E, steps, B, n) bits, ys (E, steps, B) +/-1; updates params = ([w1^T; b1], w2, b2) in place. Returns losses
+    (steps, E)."""
+    first, w2, b2 = params
     members, steps, batch, n = xs.shape
     x = ys.new_ones(members, batch, n + 1)
     z = ys.new_empty(members, batch, first.shape[2])  # pre-activations, then (in place) dz: less to cache
@@ -100,10 +105,10 @@ def plain_sgd_steps(ext, first: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
     for j, (x_j, y_j) in enumerate(zip(xs.unbind(1), ys.unbind(1))):
         ext.bits_to_pm1(x_j, x)
         torch.bmm(x, first, out=z)
-        count.before()  # Lightning counts the step (lightning_modules/lightning_adapter.py)
+        count.before()
         ext.hinge_relu_step(z, w2, b2, y_j, slack[j], z, -1.0 / batch, lr)
         first.baddbmm_(x_t, z, alpha=-lr)
         count.after()
-        if stopping.requested():  # cut the batch short at this step
+        if stop():  # cut the batch short at this step
             break
     return slack[:j + 1].clamp_min_(0).mean(2)

@@ -129,8 +129,7 @@ def test_a_checkpoint_of_another_problem_or_shape_is_refused(run, tmp_path):
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     with pytest.raises(ConfigError, match=r"does not match .*config.yaml \(identity: seed 0 in the checkpoint, 1"):
         load_run(run_dir)
-    cfg = compose(["experiment=parity_mlp_ensemble", "model.ensemble=2", "data.n=30", *TINY, "model.width=7"],
-                  machine=False)
+    cfg = compose(["experiment=parity_mlp_ensemble", "model.ensemble=2", "data.n=30", *TINY, "model.width=7"])
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     with pytest.raises(ConfigError, match=r"\(settings: model.width 100 in the checkpoint, 7 in the config\)"):
         load_run(run_dir)

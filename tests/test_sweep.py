@@ -129,7 +129,7 @@ def test_fit_recovers_a_known_exponent_from_synthetic_runs(tmp_path):
     (1, 10, (0.00253, 0.4450)), (5, 10, (0.1871, 0.8129)), (0, 1, (0.0, 0.975)), (1, 1, (0.025, 1.0)),
 ])
 def test_clopper_pearson_interval_matches_known_values(successes, trials, interval):
-    from sweep import binomial_cdf, clopper_pearson
+    from metrics.scaling import binomial_cdf, clopper_pearson
     lower, upper = clopper_pearson(successes, trials)
     assert (lower, upper) == pytest.approx(interval, abs=6e-5)
     if 0 < successes < trials:  # each bound puts exactly 2.5% in its tail
@@ -204,11 +204,12 @@ else:  # runs until a signal, then saves a checkpoint and exits 128 + signal
 
 @pytest.fixture
 def fake_train(tmp_path, monkeypatch):
-    """sweep.command runs FAKE_TRAIN, which does what data.n says, in place of train.py."""
+    """The runner runs FAKE_TRAIN, which does what data.n says, in place of train.py."""
+    import runtime.cells
     import sweep as sweep_module
     script = tmp_path / "fake_train.py"
     script.write_text(FAKE_TRAIN)
-    monkeypatch.setattr(sweep_module, "command", lambda cell: [sys.executable, str(script), *cell.args])
+    monkeypatch.setattr(runtime.cells, "train_command", lambda cell: [sys.executable, str(script), *cell.args])
     return sweep_module
 
 
@@ -272,8 +273,9 @@ def test_a_signal_reaches_the_running_cells_and_the_finished_results_are_written
     (passed on by the sweep), n=20 never starts."""
     out = tmp_path / "sweep"
     (tmp_path / "fake_train.py").write_text(FAKE_TRAIN.replace("n in (10, 20)", "n == 23"))
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import sweep; "
-            f"sweep.command = lambda cell: [sys.executable, {str(tmp_path / 'fake_train.py')!r}, *cell.args]; "
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import runtime.cells, sweep; "
+            f"runtime.cells.train_command = lambda cell: [sys.executable, {str(tmp_path / 'fake_train.py')!r}, "
+            "*cell.args]; "
             "sys.exit(sweep.main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", code, "experiment=parity_mlp", "--grid", "data.n=20,21,22,23",
                              "--jobs", "2", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,

@@ -92,22 +92,30 @@ def test_a_moved_run_resumes_into_last_ckpt_without_versioned_siblings(tmp_path,
 ])
 def test_impossible_run_dirs_are_one_line_and_write_nothing(tmp_path, place, problem):
     (tmp_path / "file").write_text("not a directory")
-    run_dir = place if place.startswith("/") else tmp_path / place
+    run_dir = Path(place) if place.startswith("/") else tmp_path / place
     before = sorted(p.name for p in tmp_path.iterdir())
-    line = one_error_line(train(tmp_path, f"run_dir={run_dir}", *SHORT), "run_dir: ")
-    assert problem in line
+    with pytest.raises(ConfigError, match="^run_dir: ") as refused:
+        claim(run_dir, resumes_it=False)  # train.py's check_place, then its claim before anything is written
+    assert problem in str(refused.value) and "\n" not in str(refused.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert not Path("/nonexistent-paritylab").exists()
 
 
-def test_an_unwritable_run_dir_is_refused(tmp_path):
+def test_train_py_refuses_a_run_dir_under_a_file_in_one_line_and_writes_nothing(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    line = one_error_line(train(tmp_path, f"run_dir={tmp_path / 'file' / 'run'}", *SHORT), "run_dir: ")
+    assert "is under" in line and [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_an_unwritable_run_dir_is_refused():
     target = Path("/sys/kernel")
     try:
         (target / "paritylab-probe").touch()
         pytest.skip(f"{target} is writable here: no unwritable directory to try")
     except OSError:
         pass
-    one_error_line(train(tmp_path, f"run_dir={target}", *SHORT), f"run_dir: {target} is not writable")
+    with pytest.raises(ConfigError, match=f"^run_dir: {target} is not writable"):
+        claim(target, resumes_it=False)
 
 
 def test_claim_refuses_a_locked_or_occupied_directory_and_cleans_debris(tmp_path):

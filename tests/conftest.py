@@ -84,7 +84,7 @@ def train_all(cwd: Path, runs: dict[str, list[str]], jobs: int = 2) -> dict[str,
 
 # Every preset, 20 steps with an evaluation and a checkpoint every 10: one thread each, two trained at a time.
 PRESET_RUN = ("trainer=cpu", "trainer.progress_bar=false", "trainer.cpu_threads=1", "trainer.max_steps=20",
-              "eval.every_n_steps=10", "checkpoint.every_n_steps=10", "eval.size=256")
+              "eval.every_n_steps=10", "checkpoint.every_n_steps=10", "eval.size=64")
 
 
 @pytest.fixture(scope="session")

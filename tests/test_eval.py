@@ -54,7 +54,7 @@ def test_eval_reproduces_the_summary_of_every_preset(tmp_path, preset_runs, pres
     final = "final_relative_mse" if summary["task"] == "staircase" else "final_accuracy"
     assert metrics == (list(METRICS) if "greedy_accuracy" in summary else [final])
     assert {key: record[key] for key in metrics} == {key: summary[key] for key in metrics}
-    assert (record["step"], record["eval_size"], record["overrides"]) == (summary["steps"], 256, {})
+    assert (record["step"], record["eval_size"], record["overrides"]) == (summary["steps"], 64, {})
     assert record["members"] == summary["members"] and record["device"] == "cpu"
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from config import ConfigError
 from runtime.run_dirs import RunDirLock, claim, make_run_dir, write_atomic
-from conftest import checkpoint, finish, one_error_line, train, train_process
+from conftest import checkpoint, finish, one_error_line, train, train_all, train_process
 
 CPU = ["trainer.accelerator=cpu", "trainer.progress_bar=false", "eval.size=256"]
 SHORT = [*CPU, "trainer.max_steps=200", "eval.every_n_steps=100", "checkpoint.every_n_steps=100", "data.k=6"]
@@ -53,8 +53,10 @@ def test_a_second_live_process_is_kept_out_of_a_run_dir(tmp_path):
             assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
             time.sleep(0.05)
         before = (run_dir / "config.yaml").read_text()
-        for args in ([], ["resume=auto"]):  # not even to continue it
-            line = one_error_line(train(tmp_path, f"run_dir={run_dir}", *SHORT, *args), f"run_dir: {run_dir} is in use")
+        refused = train_all(tmp_path, {"new": [f"run_dir={run_dir}", *SHORT],  # not even to continue it; both at once
+                                       "resume": [f"run_dir={run_dir}", *SHORT, "resume=auto"]})
+        for done in refused.values():
+            line = one_error_line(done, f"run_dir: {run_dir} is in use")
             assert f"(pid {first.pid})" in line
         assert (run_dir / "config.yaml").read_text() == before
     finally:

@@ -1,1 +1,1 @@
-"""Measures of what a network has learned (torchmetrics Metrics)."""
+"""Measures of what a network has learned (torchmetrics Metrics), and how solve times scale over a grid."""

@@ -12,13 +12,13 @@ held-out prompts); one unsolved at the budget counts as "> budget". With ``--sto
 kind's larger strides are not run once M strides in a row went unsolved by every seed (coarser chains are
 assumed no easier). Writes DIR/chain_stride.csv (one row
 per run), DIR/chain_stride.md (median steps over seeds) and DIR/chain_stride.png; runs live in DIR/runs/.
+Every run's config is checked before the first starts; runs are sweep.py's cells, so a finished run is reused
+and a run stopped by SIGTERM or SIGINT continues when the command is given again.
 """
 import argparse
 import csv
-import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,9 +28,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cli import Parser  # noqa: E402 (scripts/cli.py, beside this file)
+from cli import Parser, cell, train  # noqa: E402 (scripts/cli.py, beside this file)
+from runtime.cells import Cell, Runner  # noqa: E402 (cli puts the repository on sys.path)
 
-ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("transformer", "mlp", "linear")
 FIELDS = ("kind", "stride", "seed", "solved_step", "steps", "greedy_accuracy", "token_accuracy", "train_wall_s")
 
@@ -60,15 +60,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def train(kind: str, stride: int, seed: int, args: argparse.Namespace, run_dir: Path) -> dict:
-    """One train.py run; its summary.json."""
-    cmd = [sys.executable, "train.py", "experiment=cot_parity", f"model.kind={kind}", f"data.n={args.n}",
-           f"data.k={args.k}", f"data.chain_stride={stride}", f"seed={seed}", f"trainer.max_steps={args.budget}",
-           f"run_dir={run_dir}", "trainer.progress_bar=false", *args.overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"error: {' '.join(cmd[1:])} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    return json.loads((run_dir / "summary.json").read_text())
+def run_cell(kind: str, stride: int, seed: int, args: argparse.Namespace, out: Path) -> Cell:
+    """The train.py run of (kind, stride, seed): the experiment's settings, then --set, then these."""
+    values = {"model.kind": kind, "data.n": str(args.n), "data.k": str(args.k), "data.chain_stride": str(stride),
+              "seed": str(seed), "trainer.max_steps": str(args.budget)}
+    name = f"{kind}-b{stride}-seed{seed}"
+    return cell(name, values, ["experiment=cot_parity", *args.overrides], out / "runs" / name)
 
 
 def median_steps(rows: list[dict]) -> float:
@@ -114,25 +111,34 @@ def figure(results: list[dict], args: argparse.Namespace) -> plt.Figure:
     return fig
 
 
+def run_grid(args: argparse.Namespace, out: Path) -> list[dict]:
+    """Every (kind, stride, seed) run, strides in order, a kind's larger ones skipped per --stop-after-unsolved."""
+    cells = {(kind, b, seed): run_cell(kind, b, seed, args, out)
+             for kind in args.kinds for b in args.strides for seed in args.seeds}
+    results = []
+    with Runner().handling_signals() as runner:
+        for kind in args.kinds:
+            unsolved_in_a_row = 0
+            for b in args.strides:
+                if args.stop_after_unsolved and unsolved_in_a_row >= args.stop_after_unsolved:
+                    break
+                for seed in args.seeds:
+                    start = time.perf_counter()
+                    summary = train(runner, cells[kind, b, seed])
+                    row = {"kind": kind, "stride": b, "seed": seed, **{f: summary[f] for f in FIELDS[3:]}}
+                    results.append(row)
+                    print(f"kind={kind:<11} b={b:<2} seed={seed}: solved_step={row['solved_step']} "
+                          f"greedy_accuracy={row['greedy_accuracy']:.4f} ({time.perf_counter() - start:.0f}s)",
+                          flush=True)
+                solved = any(r["solved_step"] is not None for r in results[-len(args.seeds):])
+                unsolved_in_a_row = 0 if solved else unsolved_in_a_row + 1
+    return results
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     out = args.out.resolve()
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    results = []
-    for kind in args.kinds:
-        unsolved_in_a_row = 0
-        for b in args.strides:
-            if args.stop_after_unsolved and unsolved_in_a_row >= args.stop_after_unsolved:
-                break
-            for seed in args.seeds:
-                start = time.perf_counter()
-                summary = train(kind, b, seed, args, out / "runs" / f"{kind}-b{b}-seed{seed}")
-                row = {"kind": kind, "stride": b, "seed": seed, **{f: summary[f] for f in FIELDS[3:]}}
-                results.append(row)
-                print(f"kind={kind:<11} b={b:<2} seed={seed}: solved_step={row['solved_step']} "
-                      f"greedy_accuracy={row['greedy_accuracy']:.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
-            solved = any(r["solved_step"] is not None for r in results[-len(args.seeds):])
-            unsolved_in_a_row = 0 if solved else unsolved_in_a_row + 1
+    results = run_grid(args, out)
     with open(out / "chain_stride.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()

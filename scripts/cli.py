@@ -1,9 +1,41 @@
-"""What the experiment scripts share: an argument parser whose errors are one line and exit status 2."""
+"""What the experiment scripts share: an argument parser whose errors are one line and exit status 2, and
+their train.py runs, made and run as sweep.py's cells (composed before any runs, reused once finished)."""
 import argparse
 import sys
+from pathlib import Path
+from typing import NoReturn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from config import ConfigError  # noqa: E402
+from runtime.cells import Cell, Runner, make_cell, signal_name  # noqa: E402
+
+
+def refuse(message: str) -> NoReturn:
+    """One line naming the problem, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line naming the option, exit status 2
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+    def error(self, message: str) -> NoReturn:  # one line naming the option, exit status 2
+        refuse(message)
+
+
+def cell(name: str, values: dict[str, str], overrides: list[str], run_dir: Path) -> Cell:
+    """One run's cell; a config train.py would refuse is one line and exit status 2, before anything runs."""
+    try:
+        return make_cell(name, values, overrides, run_dir)
+    except ConfigError as err:
+        refuse(f"{name}: {err}")
+
+
+def train(runner: Runner, cell: Cell) -> dict:
+    """The cell's summary.json, trained now or reused; otherwise one line and exit 1 (128 + signal if stopped)."""
+    outcome = runner.run(cell)
+    if outcome.summary is not None:
+        return outcome.summary
+    if runner.stopped is not None:
+        print(f"error: stopped by {signal_name(runner.stopped)}: {cell.name} keeps its checkpoint in "
+              f"{cell.run_dir}; run the same command again to go on", file=sys.stderr)
+        sys.exit(128 + runner.stopped)
+    sys.exit(f"error: {cell.name} failed ({outcome.problem}, see {cell.run_dir / 'train.log'})")

@@ -8,12 +8,12 @@ One ``python train.py experiment=cot_parity data.chain=C data.k=K trainer.max_st
 A run stops when it solves (greedy accuracy 100% on the 8192 held-out prompts); one still unsolved at the
 budget counts as "> budget". Writes DIR/cot_vs_k.csv (one row per run), DIR/cot_vs_k.md (median steps
 over seeds), DIR/cot_vs_k.png and TensorBoard figures and scalars under DIR/tb; runs live in DIR/runs/.
+Every run's config is checked before the first starts; runs are sweep.py's cells, so a finished run is reused
+and a run stopped by SIGTERM or SIGINT continues when the command is given again.
 """
 import argparse
 import csv
-import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,11 +24,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
-from cli import Parser  # noqa: E402 (scripts/cli.py, beside this file)
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from datamodules.parity_config import CHAINS  # noqa: E402
+from cli import Parser, cell, train  # noqa: E402 (scripts/cli.py, beside this file)
+from datamodules.parity_config import CHAINS  # noqa: E402 (cli puts the repository on sys.path)
+from runtime.cells import Cell, Runner  # noqa: E402
 
 N = 30  # configs/experiment/cot_parity.yaml
 FIELDS = ("chain", "k", "seed", "solved_step", "steps", "greedy_accuracy", "token_accuracy", "chain_accuracy",
@@ -52,14 +50,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def train(chain: str, k: int, seed: int, budget: int, run_dir: Path, overrides: list[str]) -> dict:
-    """One train.py run; its summary.json."""
-    cmd = [sys.executable, "train.py", "experiment=cot_parity", f"data.chain={chain}", f"data.k={k}", f"seed={seed}",
-           f"trainer.max_steps={budget}", f"run_dir={run_dir}", "trainer.progress_bar=false", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"error: {' '.join(cmd[1:])} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    return json.loads((run_dir / "summary.json").read_text())
+def run_cell(chain: str, k: int, seed: int, args: argparse.Namespace, out: Path) -> Cell:
+    """The train.py run of (chain, k, seed): the experiment's settings, then --set, then these."""
+    values = {"data.chain": chain, "data.k": str(k), "seed": str(seed), "trainer.max_steps": str(args.budget)}
+    name = f"{chain}-k{k}-seed{seed}"
+    return cell(name, values, ["experiment=cot_parity", *args.overrides], out / "runs" / name)
+
+
+def run_grid(args: argparse.Namespace, out: Path) -> list[dict]:
+    """Every (chain, k, seed) run, one row each."""
+    cells = {(chain, k, seed): run_cell(chain, k, seed, args, out)
+             for chain in args.chains for k in args.k for seed in args.seeds}
+    results = []
+    with Runner().handling_signals() as runner:
+        for (chain, k, seed), run in cells.items():
+            start = time.perf_counter()
+            summary = train(runner, run)
+            row = {"chain": chain, "k": k, "seed": seed, **{f: summary[f] for f in FIELDS[3:]}}
+            results.append(row)
+            print(f"chain={chain:<10} k={k:<3} seed={seed}: solved_step={row['solved_step']} "
+                  f"greedy_accuracy={row['greedy_accuracy']:.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
+    return results
 
 
 def median_steps(rows: list[dict]) -> float:
@@ -102,17 +113,7 @@ def figure(results: list[dict], ks: list[int], chains: list[str], budget: int) -
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     out = args.out.resolve()
-    (out / "runs").mkdir(parents=True, exist_ok=True)  # train.py makes a run directory, not its parents
-    results = []
-    for chain in args.chains:
-        for k in args.k:
-            for seed in args.seeds:
-                start = time.perf_counter()
-                summary = train(chain, k, seed, args.budget, out / "runs" / f"{chain}-k{k}-seed{seed}", args.overrides)
-                row = {"chain": chain, "k": k, "seed": seed, **{f: summary[f] for f in FIELDS[3:]}}
-                results.append(row)
-                print(f"chain={chain:<10} k={k:<3} seed={seed}: solved_step={row['solved_step']} "
-                      f"greedy_accuracy={row['greedy_accuracy']:.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
+    results = run_grid(args, out)
     with open(out / "cot_vs_k.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()

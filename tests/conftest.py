@@ -1,13 +1,15 @@
-"""Test-wide setup (Triton's CPU interpreter, markers, the repository root on sys.path) and the subprocess helpers
-the end-to-end tests share: train.py runs in sessions of their own, with timeouts."""
+"""Test-wide setup (Triton's CPU interpreter, markers, the repository root on sys.path), the subprocess helpers
+the end-to-end tests share (train.py runs in sessions of their own, with timeouts) and the runs they share."""
 import contextlib
 import os
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +22,6 @@ torch.set_num_threads(min(torch.get_num_threads(), 2))
 
 
 def pytest_collection_modifyitems(config, items):
-    import pytest
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -75,3 +76,27 @@ def one_error_line(done: subprocess.CompletedProcess, prefix: str) -> str:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {prefix}"), done.stderr[-2000:]
     return lines[0]
+
+
+def train_all(cwd: Path, runs: dict[str, list[str]], jobs: int = 2,
+              envs: Optional[dict[str, dict]] = None) -> dict[str, subprocess.CompletedProcess]:
+    """Train.py runs (name -> arguments, and name -> environment where ``envs`` has one), ``jobs`` at a time (give
+    each trainer.cpu_threads=1): name -> result."""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return dict(zip(runs, pool.map(lambda name: train(cwd, *runs[name], env=(envs or {}).get(name)), runs)))
+
+
+# Every preset, 20 steps with an evaluation and a checkpoint every 10: one thread each, two trained at a time.
+PRESET_RUN = ("trainer=cpu", "trainer.progress_bar=false", "trainer.cpu_threads=1", "trainer.max_steps=20",
+              "eval.every_n_steps=10", "checkpoint.every_n_steps=10", "eval.size=64")
+
+
+@pytest.fixture(scope="session")
+def preset_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Each experiment preset trained once for the session (PRESET_RUN): preset -> (run_dir, train.py's result).
+    Copy a run before changing it."""
+    from config import CONFIG_DIR
+    tmp = tmp_path_factory.mktemp("presets")
+    presets = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+    done = train_all(tmp, {p: [f"experiment={p}", f"run_dir={tmp / p}", *PRESET_RUN] for p in presets})
+    return {p: (tmp / p, done[p]) for p in presets}

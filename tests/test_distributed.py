@@ -19,7 +19,7 @@ from datamodules.parity import ParityTask
 from datamodules.stream import Ticket, pm1
 from runtime.launch import cluster_plugins, shared_run_dir
 from lightning_modules.parity_mlp import ParityMLP
-from conftest import ROOT, clean_env, finish, start, train
+from conftest import ROOT, clean_env, finish, start, train, train_all
 SHORT = ["trainer.accelerator=cpu", "trainer.progress_bar=false", "trainer.max_steps=50", "eval.every_n_steps=50",
          "checkpoint.every_n_steps=50", "eval.size=256"]
 COT_OPTIM = ["optim.name=sgd", "optim.lr=0.1"]  # why SGD: see test_ddp_matches_one_process
@@ -105,13 +105,13 @@ EXPERIMENTS = {"parity_mlp": [], "cot_parity": COT_OPTIM}
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> dict:
-    """50 steps of each experiment in one process: experiment -> final weights."""
-    tmp, out = tmp_path_factory.mktemp("one"), {}
-    for name, extra in EXPERIMENTS.items():
-        done = train(tmp, f"experiment={name}", f"run_dir={tmp / name}", *SHORT, *extra)
-        assert done.returncode == 0, done.stderr[-2000:]
-        out[name] = weights(tmp / name)
-    return out
+    """50 steps of each experiment in one process (the two trained at once): experiment -> final weights."""
+    tmp = tmp_path_factory.mktemp("one")
+    done = train_all(tmp, {name: [f"experiment={name}", f"run_dir={tmp / name}", *SHORT, *extra]
+                           for name, extra in EXPERIMENTS.items()})
+    for result in done.values():
+        assert result.returncode == 0, result.stderr[-2000:]
+    return {name: weights(tmp / name) for name in EXPERIMENTS}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -37,19 +37,24 @@ def spoil_recorded_accuracy(run_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_eval_reproduces_the_summary_of_every_preset(tmp_path, preset):
-    run_dir = tmp_path / "run"
-    summary = trained(run_dir, f"experiment={preset}")
-    spoil_recorded_accuracy(run_dir)
-    done = evaluate(run_dir)
+def test_eval_reproduces_the_summary_of_every_preset(tmp_path, preset_runs, preset):
+    trained_run, done = preset_runs[preset]  # one thread, as evaluate_run sets it from trainer.cpu_threads
     assert done.returncode == 0, done.stderr[-2000:]
-    assert len(done.stdout.strip().splitlines()) == 1 and str(run_dir / "eval.json") in done.stdout
-    record = json.loads((run_dir / "eval.json").read_text())
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    spoil_recorded_accuracy(run_dir)
+    threads = torch.get_num_threads()
+    try:
+        path, record, written = evaluate_run(run_dir)  # what eval.py runs and prints (test_eval_py_...)
+    finally:
+        torch.set_num_threads(threads)
+    assert (path, written) == (run_dir / "eval.json", True) and json.loads(path.read_text()) == record
     metrics = [key for key in summary if key in METRICS or key.startswith("final_")]
     final = "final_relative_mse" if summary["task"] == "staircase" else "final_accuracy"
     assert metrics == (list(METRICS) if "greedy_accuracy" in summary else [final])
     assert {key: record[key] for key in metrics} == {key: summary[key] for key in metrics}
-    assert (record["step"], record["eval_size"], record["overrides"]) == (summary["steps"], 256, {})
+    assert (record["step"], record["eval_size"], record["overrides"]) == (summary["steps"], 64, {})
     assert record["members"] == summary["members"] and record["device"] == "cpu"
 
 
@@ -63,6 +68,15 @@ def run(tmp_path_factory) -> tuple[Path, dict]:
 def copied(run: tuple[Path, dict], where: Path) -> Path:
     shutil.copytree(run[0], where / "run")
     return where / "run"
+
+
+def test_eval_py_writes_eval_json_and_says_so_in_one_line(run, tmp_path):
+    run_dir = copied(run, tmp_path)
+    spoil_recorded_accuracy(run_dir)
+    done = evaluate(run_dir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(done.stdout.strip().splitlines()) == 1 and str(run_dir / "eval.json") in done.stdout
+    assert json.loads((run_dir / "eval.json").read_text())["final_accuracy"] == run[1]["final_accuracy"]
 
 
 def test_load_run_rebuilds_the_trained_module(run):
@@ -136,13 +150,20 @@ def test_a_checkpoint_of_another_problem_or_shape_is_refused(run, tmp_path):
     assert not list(run_dir.glob("eval*.json"))
 
 
-def test_eval_py_refusals_are_one_line_exit_2_and_write_nothing(run, tmp_path):
+def test_evaluation_refusals_are_one_line_and_write_nothing(run, tmp_path):
     (tmp_path / "no_checkpoint").mkdir()
     shutil.copy(run[0] / "config.yaml", tmp_path / "no_checkpoint")
     (tmp_path / "no_config").mkdir()
     cases = {(tmp_path / "missing",): "run_dir: ", (tmp_path / "no_config",): "run_dir: ",
              (tmp_path / "no_checkpoint",): "run_dir: ", (run[0], "data.k=2"): "data.k: fixed by what the run trained"}
-    for args, prefix in cases.items():
-        line = one_error_line(evaluate(*args), prefix)
-        assert str(args[0]) in line or len(args) > 1, line
+    for (run_dir, *overrides), prefix in cases.items():
+        with pytest.raises(ConfigError, match=f"^{prefix}") as refused:  # eval.py prints it (test_eval_py_...)
+            evaluate_run(run_dir, overrides)
+        line = str(refused.value)
+        assert "\n" not in line and (str(run_dir) in line or overrides), line
     assert not list(tmp_path.rglob("eval*.json")) and not list(run[0].glob("eval*.json"))
+
+
+def test_eval_py_refuses_in_one_line_with_exit_2_and_writes_nothing(run):
+    one_error_line(evaluate(run[0], "data.k=2"), "data.k: fixed by what the run trained")
+    assert not list(run[0].glob("eval*.json"))

@@ -25,7 +25,7 @@ from runtime.experiment import build
 from runtime.checkpointing import (IDENTITY_KEY, KILL_AT_STEP_ENV, LOGGED_STEP_KEY, AtomicCheckpointIO, ResumeState,
                                    identity_defaults, load_for_resume, resume_path, run_identity)
 from lightning_modules.parity_mlp import ParityMLP
-from conftest import ROOT, TIMEOUT, checkpoint, clean_env, finish, one_error_line, start, train
+from conftest import ROOT, TIMEOUT, checkpoint, clean_env, finish, one_error_line, start, train, train_all
 # Batches of 50 SGD steps (the largest that divides the eval and checkpoint periods); checkpoints at 200
 # and 400. The kill at 350 comes after the step-300 (and -350) metrics reached TensorBoard: the resumed run must hide
 # them and log them again. Momentum gives the optimizer a state to restore.
@@ -86,9 +86,11 @@ def test_a_killed_run_on_the_fused_plain_sgd_path_resumes_bitwise(tmp_path):
     """The default optimizer (plain SGD) trains on the fused step, which keeps no optimizer state of its own."""
     plain = [arg for arg in RUN if not arg.startswith("optim.momentum")]
     whole, run_dir = tmp_path / "whole", tmp_path / "run"
-    assert train(tmp_path, f"run_dir={whole}", *plain).returncode == 0
+    done = train_all(tmp_path, {"whole": [f"run_dir={whole}", *plain], "killed": [f"run_dir={run_dir}", *plain]},
+                     envs={"killed": kill_at(350)})  # the two at once
+    assert done["whole"].returncode == 0, done["whole"].stderr[-2000:]
     assert json.loads((whole / "summary.json").read_text())["train_path"] == "fused"
-    assert train(tmp_path, f"run_dir={run_dir}", *plain, env=kill_at(350)).returncode == -signal.SIGKILL
+    assert done["killed"].returncode == -signal.SIGKILL, done["killed"].stderr[-2000:]
     assert checkpoint(run_dir)["global_step"] == 200
     resumed = train(tmp_path, f"run_dir={run_dir}", *plain, "resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -297,7 +299,8 @@ def test_changed_settings_are_refused_unless_forced_and_then_take_effect(tmp_pat
     shutil.copytree(uninterrupted, run_dir)
     config = (run_dir / "config.yaml").read_text()
     if "optim.name=adam" in change:  # Adam has no momentum key: the run's own is refused beside it
-        assert "optim.momentum: does not apply to optim.name=adam" in train(tmp_path, *RUN, *change).stderr
+        with pytest.raises(ConfigError, match="^optim.momentum: does not apply to optim.name=adam"):
+            compose([*RUN, *change])
     run = [arg for arg in RUN if "optim.name=adam" not in change or not arg.startswith("optim.momentum")]
     refused = train(tmp_path, f"run_dir={run_dir}", *run, "resume=auto", "trainer.max_steps=500", *change)
     line = one_error_line(refused, f"resume: {run_dir / 'checkpoints' / 'last.ckpt'} was trained with other settings")

@@ -9,7 +9,7 @@ import pytest
 
 from config import ConfigError
 from runtime.run_dirs import RunDirLock, claim, make_run_dir, write_atomic
-from conftest import checkpoint, finish, one_error_line, train, train_process
+from conftest import checkpoint, finish, one_error_line, train, train_all, train_process
 
 CPU = ["trainer.accelerator=cpu", "trainer.progress_bar=false", "eval.size=256"]
 SHORT = [*CPU, "trainer.max_steps=200", "eval.every_n_steps=100", "checkpoint.every_n_steps=100", "data.k=6"]
@@ -53,8 +53,10 @@ def test_a_second_live_process_is_kept_out_of_a_run_dir(tmp_path):
             assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
             time.sleep(0.05)
         before = (run_dir / "config.yaml").read_text()
-        for args in ([], ["resume=auto"]):  # not even to continue it
-            line = one_error_line(train(tmp_path, f"run_dir={run_dir}", *SHORT, *args), f"run_dir: {run_dir} is in use")
+        refused = train_all(tmp_path, {"new": [f"run_dir={run_dir}", *SHORT],  # not even to continue it; both at once
+                                       "resume": [f"run_dir={run_dir}", *SHORT, "resume=auto"]})
+        for done in refused.values():
+            line = one_error_line(done, f"run_dir: {run_dir} is in use")
             assert f"(pid {first.pid})" in line
         assert (run_dir / "config.yaml").read_text() == before
     finally:
@@ -92,22 +94,30 @@ def test_a_moved_run_resumes_into_last_ckpt_without_versioned_siblings(tmp_path,
 ])
 def test_impossible_run_dirs_are_one_line_and_write_nothing(tmp_path, place, problem):
     (tmp_path / "file").write_text("not a directory")
-    run_dir = place if place.startswith("/") else tmp_path / place
+    run_dir = Path(place) if place.startswith("/") else tmp_path / place
     before = sorted(p.name for p in tmp_path.iterdir())
-    line = one_error_line(train(tmp_path, f"run_dir={run_dir}", *SHORT), "run_dir: ")
-    assert problem in line
+    with pytest.raises(ConfigError, match="^run_dir: ") as refused:
+        claim(run_dir, resumes_it=False)  # train.py's check_place, then its claim before anything is written
+    assert problem in str(refused.value) and "\n" not in str(refused.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert not Path("/nonexistent-paritylab").exists()
 
 
-def test_an_unwritable_run_dir_is_refused(tmp_path):
+def test_train_py_refuses_a_run_dir_under_a_file_in_one_line_and_writes_nothing(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    line = one_error_line(train(tmp_path, f"run_dir={tmp_path / 'file' / 'run'}", *SHORT), "run_dir: ")
+    assert "is under" in line and [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_an_unwritable_run_dir_is_refused():
     target = Path("/sys/kernel")
     try:
         (target / "paritylab-probe").touch()
         pytest.skip(f"{target} is writable here: no unwritable directory to try")
     except OSError:
         pass
-    one_error_line(train(tmp_path, f"run_dir={target}", *SHORT), f"run_dir: {target} is not writable")
+    with pytest.raises(ConfigError, match=f"^run_dir: {target} is not writable"):
+        claim(target, resumes_it=False)
 
 
 def test_claim_refuses_a_locked_or_occupied_directory_and_cleans_debris(tmp_path):

@@ -1,5 +1,6 @@
 """The experiment scripts of docs/results.md, each run end to end on a grid small enough to solve in seconds."""
 import csv
+import importlib.util
 import subprocess
 import sys
 
@@ -34,14 +35,40 @@ def test_chain_stride_runs_its_grid_and_stops_after_unsolved_strides(tmp_path):
 
 def test_staircase_vs_parity_tabulates_both_tasks(tmp_path):
     done = run("staircase_vs_parity.py", "--out", str(tmp_path / "out"), "--k", "1", "--n", "4", "--at-n", "4",
-               "--at-k", "1", "--budget", "500")
+               "--at-k", "1", "--budget", "500", "--jobs", "2")
     assert done.returncode == 0, done.stderr[-2000:]
     table = (tmp_path / "out" / "staircase_vs_parity.md").read_text()
     assert "staircase" in table and "parity" in table and "(16/16)" in table, table  # k = 1: a copy, every member
 
 
+def main(script: str):
+    """The script's main, imported here (scripts/ is no package: its cli.py comes from sys.path)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), ROOT / "scripts" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
 @pytest.mark.parametrize("script", ["cot_vs_k.py", "chain_stride.py", "staircase_vs_parity.py"])
-def test_a_bad_option_is_one_line_and_exit_2(tmp_path, script):
-    done = run(script, "--out", str(tmp_path / "out"), "--k", "0")
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert done.stderr.startswith("error: ") and not (tmp_path / "out").exists()
+def test_a_bad_option_is_one_line_and_exit_2(tmp_path, capsys, script):
+    with pytest.raises(SystemExit) as exited:
+        main(script)(["--out", str(tmp_path / "out"), "--k", "0"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: --k: ") and not (tmp_path / "out").exists()
+
+
+def test_a_script_refuses_a_bad_option_in_one_line_with_exit_2(tmp_path):
+    done = run("chain_stride.py", "--out", str(tmp_path / "out"), "--k", "0")
+    assert (done.returncode, done.stdout) == (2, "") and done.stderr.startswith("error: --k: "), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_train_py_refusal_is_one_line_before_any_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main("cot_vs_k.py")(["--out", str(tmp_path / "out"), "--k", "2", "--set", "model.heads=5"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    assert err == "error: none-k2-seed0: model.heads: must divide model.d_model (64), got 5\n"
+    assert not (tmp_path / "out").exists()

@@ -13,14 +13,17 @@ import numpy as np
 import pytest
 import torch
 
+import sweep as sweep_py
 from config import compose, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sweep(*args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "sweep.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+def sweep(capsys, *args: str) -> subprocess.CompletedProcess:
+    """sweep.py's main in this process, as a finished process (test_sweep_py_* run the script itself)."""
+    status = sweep_py.main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["sweep.py", *args], status, out, err)
 
 
 def cell_args(out: Path) -> dict[str, list[str]]:
@@ -43,20 +46,29 @@ def cell_args(out: Path) -> dict[str, list[str]]:
     ["--grid", "data.n=20", "--jobs", "0", "--out", "{out}"],
     ["--out", "{out}"],  # no grid
 ])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args):
     out = tmp_path / "sweep"
-    result = sweep(*(a.format(out=out) for a in args))
+    result = sweep(capsys, *(a.format(out=out) for a in args))
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not out.exists()
 
 
-def test_tiny_grid_slurm_task_then_local_run_writes_results_with_censored_members(tmp_path):
+def test_sweep_py_refuses_bad_input_with_exit_2_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "sweep"
+    done = subprocess.run([sys.executable, "sweep.py", "--grid", "data.n=20", "--grid", "data.k=25", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr == "error: cell data.n=20_data.k=25: data.k: must be <= data.n (20), got 25\n"
+    assert not out.exists()
+
+
+def test_tiny_grid_slurm_task_then_local_run_writes_results_with_censored_members(tmp_path, capsys):
     out = tmp_path / "sweep"
     args = ["experiment=parity_mlp", "--grid", "data.n=10,12", "data.k=3", "model.ensemble=4",
             "--with", "eval.every_n_steps=100,50", "trainer.max_steps=300", "eval.hidden_progress=false",
             "--out", str(out)]
-    slurm = sweep(*args, "--slurm")
+    slurm = sweep(capsys, *args, "--slurm")
     assert slurm.returncode == 0, slurm.stderr
     script = (out / "sweep.sbatch").read_text()
     assert "#SBATCH --array=0-1\n" in script and len((out / "cells.txt").read_text().splitlines()) == 2
@@ -67,7 +79,7 @@ def test_tiny_grid_slurm_task_then_local_run_writes_results_with_censored_member
     first = sorted(cell_args(out))[0]
     assert (out / "runs" / first / "summary.json").is_file()
 
-    local = sweep(*args)  # reuses the cell the array task trained, trains the other one
+    local = sweep(capsys, *args)  # reuses the cell the array task trained, trains the other one
     assert local.returncode == 0, local.stderr
     assert f"{first}: reused" in local.stdout
     rows = list(csv.DictReader(open(out / "results.csv")))
@@ -88,13 +100,13 @@ def test_tiny_grid_slurm_task_then_local_run_writes_results_with_censored_member
     assert (out / "scaling.png").stat().st_size > 1000
 
 
-def test_fit_recovers_a_known_exponent_from_synthetic_runs(tmp_path):
+def test_fit_recovers_a_known_exponent_from_synthetic_runs(tmp_path, capsys):
     """Cells whose summaries follow median ~ c n^(alpha k) with noise and censoring: the fit finds alpha."""
     out = tmp_path / "sweep"
     ns, alpha, members, budget = [16, 24, 32, 48, 64, 96], 0.8, 31, 200_000
     args = ["experiment=parity_mlp", "--grid", f"data.n={','.join(map(str, ns))}", "--grid", "data.k=2,3",
             f"model.ensemble={members}", f"trainer.max_steps={budget}", "--out", str(out)]
-    assert sweep(*args, "--slurm").returncode == 0
+    assert sweep(capsys, *args, "--slurm").returncode == 0
     rng = np.random.default_rng(1)
     for name, train_args in cell_args(out).items():
         cfg = compose(train_args)
@@ -109,7 +121,7 @@ def test_fit_recovers_a_known_exponent_from_synthetic_runs(tmp_path):
         (run_dir / "summary.json").write_text(json.dumps({
             "solved_step": solved, "final_accuracy": [1.0 if s else 0.5 for s in solved],
             "members": list(range(members))}))
-    result = sweep(*args)
+    result = sweep(capsys, *args)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("reused") == 12  # nothing was trained
     fits = {f["k"]: f for f in json.loads((out / "results.json").read_text())["fits"]}
@@ -129,7 +141,7 @@ def test_fit_recovers_a_known_exponent_from_synthetic_runs(tmp_path):
     (1, 10, (0.00253, 0.4450)), (5, 10, (0.1871, 0.8129)), (0, 1, (0.0, 0.975)), (1, 1, (0.025, 1.0)),
 ])
 def test_clopper_pearson_interval_matches_known_values(successes, trials, interval):
-    from sweep import binomial_cdf, clopper_pearson
+    from metrics.scaling import binomial_cdf, clopper_pearson
     lower, upper = clopper_pearson(successes, trials)
     assert (lower, upper) == pytest.approx(interval, abs=6e-5)
     if 0 < successes < trials:  # each bound puts exactly 2.5% in its tail
@@ -137,12 +149,12 @@ def test_clopper_pearson_interval_matches_known_values(successes, trials, interv
         assert binomial_cdf(successes, trials, upper) == pytest.approx(0.025, abs=1e-12)
 
 
-def test_next_token_cells_give_per_member_rows_and_an_exact_interval(tmp_path):
+def test_next_token_cells_give_per_member_rows_and_an_exact_interval(tmp_path, capsys):
     """Next-token cells, an ensemble (lists per member) and a single model (plain values), from synthetic
     summaries: every member's row, its token and chain accuracy, and the printed success interval."""
     out = tmp_path / "sweep"
     args = ["experiment=tree_cot_parity", "--grid", "model.ensemble=1,4", "--out", str(out)]
-    assert sweep(*args, "--slurm").returncode == 0
+    assert sweep(capsys, *args, "--slurm").returncode == 0
     solved = {1: None, 4: [300, None, 1100, 900]}
     for name, train_args in cell_args(out).items():
         cfg = compose(train_args)
@@ -156,7 +168,7 @@ def test_next_token_cells_give_per_member_rows_and_an_exact_interval(tmp_path):
             "solved_step": steps, "final_accuracy": per_member(greedy), "greedy_accuracy": per_member(greedy),
             "token_accuracy": per_member([0.9 + i / 100 for i in range(e)]),
             "chain_accuracy": per_member([g - 0.5 for g in greedy]), "members": list(range(e)), "steps": 3000}))
-    result = sweep(*args)
+    result = sweep(capsys, *args)
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(open(out / "results.csv")))
     ensemble = [r for r in rows if r["model.ensemble"] == "4"]
@@ -204,12 +216,12 @@ else:  # runs until a signal, then saves a checkpoint and exits 128 + signal
 
 @pytest.fixture
 def fake_train(tmp_path, monkeypatch):
-    """sweep.command runs FAKE_TRAIN, which does what data.n says, in place of train.py."""
-    import sweep as sweep_module
+    """The runner runs FAKE_TRAIN, which does what data.n says, in place of train.py."""
+    import runtime.cells
     script = tmp_path / "fake_train.py"
     script.write_text(FAKE_TRAIN)
-    monkeypatch.setattr(sweep_module, "command", lambda cell: [sys.executable, str(script), *cell.args])
-    return sweep_module
+    monkeypatch.setattr(runtime.cells, "train_command", lambda cell: [sys.executable, str(script), *cell.args])
+    return sweep_py
 
 
 def test_failed_cells_are_reported_and_the_finished_ones_written(tmp_path, fake_train, capsys):
@@ -255,13 +267,13 @@ def test_an_unreadable_summary_of_a_reused_cell_is_one_line_and_trained_again(tm
 
 
 @pytest.mark.parametrize("where", ["file", "missing", "unwritable"])
-def test_out_that_cannot_be_written_is_one_line_exit_2_before_any_cell(tmp_path, where):
+def test_out_that_cannot_be_written_is_one_line_exit_2_before_any_cell(tmp_path, capsys, where):
     (tmp_path / "file").write_text("")
     (tmp_path / "ro").mkdir(mode=0o555)
     unwritable = Path("/sys/paritylab-sweep") if os.geteuid() == 0 else tmp_path / "ro" / "sweep"  # root: sysfs
     out = {"file": tmp_path / "file" / "sweep", "missing": Path("/proc/nonexistent/sweep"),
            "unwritable": unwritable}[where]
-    result = sweep("experiment=parity_mlp", "--grid", "data.n=10", "--out", str(out))
+    result = sweep(capsys, "experiment=parity_mlp", "--grid", "data.n=10", "--out", str(out))
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith(f"error: --out {out}: cannot write there") and len(result.stderr.splitlines()) == 1
 
@@ -272,8 +284,9 @@ def test_a_signal_reaches_the_running_cells_and_the_finished_results_are_written
     (passed on by the sweep), n=20 never starts."""
     out = tmp_path / "sweep"
     (tmp_path / "fake_train.py").write_text(FAKE_TRAIN.replace("n in (10, 20)", "n == 23"))
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import sweep; "
-            f"sweep.command = lambda cell: [sys.executable, {str(tmp_path / 'fake_train.py')!r}, *cell.args]; "
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import runtime.cells, sweep; "
+            f"runtime.cells.train_command = lambda cell: [sys.executable, {str(tmp_path / 'fake_train.py')!r}, "
+            "*cell.args]; "
             "sys.exit(sweep.main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", code, "experiment=parity_mlp", "--grid", "data.n=20,21,22,23",
                              "--jobs", "2", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
@@ -298,7 +311,7 @@ def test_a_signal_reaches_the_running_cells_and_the_finished_results_are_written
     assert json.loads((out / "results.json").read_text())["not_run"] == ["data.n=20"]
 
 
-def test_a_sweep_stopped_by_sigterm_continues_its_cell_from_the_checkpoint(tmp_path):
+def test_a_sweep_stopped_by_sigterm_continues_its_cell_from_the_checkpoint(tmp_path, capsys):
     """The real train.py: SIGTERM to the sweep stops the cell at a step with a checkpoint; the same sweep
     command again continues that cell (resume=auto) to its budget and writes the results."""
     out = tmp_path / "sweep"
@@ -318,7 +331,7 @@ def test_a_sweep_stopped_by_sigterm_continues_its_cell_from_the_checkpoint(tmp_p
     assert proc.returncode == 143, stderr
     stopped = torch.load(cell / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert 0 < stopped < 600 and not (cell / "summary.json").exists()
-    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = sweep(capsys, *command[2:])  # the same command, run here
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert json.loads((cell / "summary.json").read_text())["steps"] == 600
     assert [r["cell"] for r in json.loads((out / "results.json").read_text())["cells"]] == ["data.n=40"]

@@ -1,6 +1,8 @@
 """Callbacks every experiment uses: a step-based progress bar, a throughput meter and the stop on a signal."""
+import logging
 import signal
 import time
+import warnings
 from typing import Optional
 
 import lightning as L
@@ -9,6 +11,19 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from lightning_modules import stopping
+
+
+def quiet_lightning() -> None:
+    """Lightning's notices that say nothing about a run. At import: ddp_spawn workers, which unpickle these
+    callbacks and never import runtime/training.py, are quieted too."""
+    for noise in (".*does not have many workers.*", ".*weights_only.*", ".*treespec.*LeafSpec.*",
+                  ".*no pre-optimization state was saved.*", ".*dirpath has changed from.*"):
+        warnings.filterwarnings("ignore", noise)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+quiet_lightning()
 
 
 class StepProgressBar(L.Callback):

@@ -5,14 +5,12 @@ Lightning load. Only a ConfigError (ours) and Lightning's MisconfigurationExcept
 a trainer setting) become the one-line refusal; any other exception is a bug and stays a traceback.
 """
 import json
-import logging
 import os
 import resource
 import shutil
 import signal
 import statistics
 import sys
-import warnings
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -34,18 +32,6 @@ from runtime.launch import (RankAgreement, check_cluster, check_devices, cluster
                             shared_run_dir)
 from runtime.memory import check_memory
 from runtime.run_dirs import RUN_DIR_ENV, check_free, check_place, claim, make_run_dir, write_atomic
-
-
-def quiet_lightning() -> None:
-    """Lightning's notices that say nothing about this run; at import, so ddp_spawn workers get it too."""
-    for noise in (".*does not have many workers.*", ".*weights_only.*", ".*treespec.*LeafSpec.*",
-                  ".*no pre-optimization state was saved.*", ".*dirpath has changed from.*"):
-        warnings.filterwarnings("ignore", noise)
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-quiet_lightning()
 
 
 class Plan(NamedTuple):

@@ -83,7 +83,8 @@ def registered(monkeypatch):
     for name, problem in (("halfspace", HalfspaceProblem), ("reverse", ReverseProblem)):
         monkeypatch.setitem(config.TASKS, name, problem)
         monkeypatch.setattr(problem, "name", name, raising=False)
-    monkeypatch.delenv(RUN_DIR_ENV, raising=False)  # train() passes its run directory on to Lightning's ranks
+    monkeypatch.setenv(RUN_DIR_ENV, "")  # train() passes its run directory on to Lightning's ranks through it:
+    monkeypatch.delenv(RUN_DIR_ENV)  # unset for the test, and as it was afterwards
 
 
 def summary(tmp_path, args: list[str]) -> dict:

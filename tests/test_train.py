@@ -58,7 +58,8 @@ def test_compose_rejects_what_train_rejects():
 def test_two_runs_started_together_get_distinct_run_dirs(tmp_path):
     args = [sys.executable, str(ROOT / "train.py"), "trainer.accelerator=cpu", "trainer.progress_bar=false",
             "trainer.max_steps=100", "eval.every_n_steps=100"]
-    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
+             for _ in range(2)]
     assert all(p.wait(timeout=300) == 0 for p in procs)
     dirs = sorted((tmp_path / "runs" / "parity_mlp").iterdir())
     assert len(dirs) == 2 and all((d / "summary.json").exists() for d in dirs)

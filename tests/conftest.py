@@ -1,13 +1,15 @@
 """Test-wide setup (Triton's CPU interpreter, markers, the repository root on sys.path), the subprocess helpers
 the end-to-end tests share (train.py runs in sessions of their own, with timeouts) and the runs they share."""
 import contextlib
+import functools
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TypeVar
 
 import pytest
 import torch
@@ -29,6 +31,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 TIMEOUT = 300
+K, T = TypeVar("K"), TypeVar("T")
 
 
 def clean_env() -> dict:
@@ -76,10 +79,16 @@ def one_error_line(done: subprocess.CompletedProcess, prefix: str) -> str:
     return lines[0]
 
 
-def train_all(cwd: Path, runs: dict[str, list[str]], jobs: int = 2) -> dict[str, subprocess.CompletedProcess]:
-    """Train.py runs (name -> arguments), ``jobs`` at a time (give each trainer.cpu_threads=1): name -> result."""
+def at_once(calls: dict[K, Callable[[], T]], jobs: int = 2) -> dict[K, T]:
+    """Each call's result, ``jobs`` calls at a time: independent subprocess runs share the machine's two cores."""
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return dict(zip(runs, pool.map(lambda args: train(cwd, *args), runs.values())))
+        futures = {name: pool.submit(call) for name, call in calls.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def train_all(cwd: Path, runs: dict[K, list[str]], jobs: int = 2) -> dict[K, subprocess.CompletedProcess]:
+    """Train.py runs (name -> arguments), ``jobs`` at a time (give each trainer.cpu_threads=1): name -> result."""
+    return at_once({name: functools.partial(train, cwd, *args) for name, args in runs.items()}, jobs)
 
 
 # Every preset, 20 steps with an evaluation and a checkpoint every 10: one thread each, two trained at a time.

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, TypeVar
 
@@ -91,17 +91,47 @@ def train_all(cwd: Path, runs: dict[K, list[str]], jobs: int = 2) -> dict[K, sub
     return at_once({name: functools.partial(train, cwd, *args) for name, args in runs.items()}, jobs)
 
 
-# Every preset, 20 steps with an evaluation and a checkpoint every 10: one thread each, two trained at a time.
+# --- shared runs, started early ---------------------------------------------------------------------------
+# A shared fixture made with ``early`` starts its runs as the session starts, in the background, one run at a
+# time beside the tests (the machine's second core), if a collected test uses it. A test that needs it before
+# its turn came runs it itself, two runs at a time.
+BACKGROUND = ThreadPoolExecutor(max_workers=1)
+EARLY: dict[str, Callable[[Path, int], object]] = {}  # fixture name -> its work(directory, jobs)
+STARTED: dict[str, Future] = {}
+
+
+def early(work: Callable[[Path, int], T]):
+    """A session fixture named like ``work`` whose value is work(a fresh directory, jobs at a time)."""
+    EARLY[work.__name__] = work
+
+    @pytest.fixture(scope="session", name=work.__name__)
+    def fixture(tmp_path_factory) -> T:
+        future = STARTED.get(work.__name__)
+        if future is None or future.cancel():  # not started yet: here and now
+            return work(tmp_path_factory.mktemp(work.__name__), 2)
+        return future.result()
+    return fixture
+
+
+@pytest.fixture(scope="session", autouse=True)
+def start_early(request, tmp_path_factory):
+    """Queue the early fixtures the collected tests use, in the order the tests first use them."""
+    for name in dict.fromkeys(name for item in request.session.items for name in item.fixturenames if name in EARLY):
+        STARTED[name] = BACKGROUND.submit(EARLY[name], tmp_path_factory.mktemp(name), 1)
+    yield
+    BACKGROUND.shutdown(wait=False, cancel_futures=True)
+
+
+# Every preset, 20 steps with an evaluation and a checkpoint every 10, on one thread.
 PRESET_RUN = ("trainer=cpu", "trainer.progress_bar=false", "trainer.cpu_threads=1", "trainer.max_steps=20",
               "eval.every_n_steps=10", "checkpoint.every_n_steps=10", "eval.size=64")
 
 
-@pytest.fixture(scope="session")
-def preset_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+@early
+def preset_runs(tmp: Path, jobs: int) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
     """Each experiment preset trained once for the session (PRESET_RUN): preset -> (run_dir, train.py's result).
     Copy a run before changing it."""
     from config import CONFIG_DIR
-    tmp = tmp_path_factory.mktemp("presets")
     presets = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
-    done = train_all(tmp, {p: [f"experiment={p}", f"run_dir={tmp / p}", *PRESET_RUN] for p in presets})
+    done = train_all(tmp, {p: [f"experiment={p}", f"run_dir={tmp / p}", *PRESET_RUN] for p in presets}, jobs)
     return {p: (tmp / p, done[p]) for p in presets}

@@ -28,7 +28,8 @@ from runtime.experiment import build
 from runtime.checkpointing import (IDENTITY_KEY, LOGGED_STEP_KEY, AtomicCheckpointIO, ResumeState, identity_defaults,
                                    load_for_resume, resume_path, run_identity)
 from lightning_modules.parity_mlp import ParityMLP
-from conftest import ROOT, TIMEOUT, at_once, checkpoint, clean_env, finish, one_error_line, start, train, train_all
+from conftest import (ROOT, TIMEOUT, at_once, checkpoint, clean_env, early, finish, one_error_line, start, train,
+                      train_all)
 # Batches of 50 SGD steps (the largest that divides the eval and checkpoint periods); checkpoints at 200
 # and 400. The kill at 350 comes after the step-300 (and -350) metrics reached TensorBoard: the resumed run must hide
 # them and log them again. Momentum gives the optimizer a state to restore.
@@ -47,13 +48,22 @@ FIRST = {"uninterrupted": RUN, "killed": [*RUN, "trainer.fail_at_step=350"],
          "plain": PLAIN, "plain_killed": [*PLAIN, "trainer.fail_at_step=350"]}
 
 
+@early
+def resume_runs(tmp: Path, jobs: int) -> tuple[dict[str, tuple[Path, subprocess.CompletedProcess]], dict]:
+    """The runs the tests resume or compare with (FIRST: name -> (run_dir, result)), then a copy of the
+    uninterrupted one refused and forced with each of CHANGES (change -> Changed). A test that changes a
+    FIRST run (a killed one, resumed) is its only user; the others copy theirs."""
+    done = train_all(tmp, {name: [f"run_dir={tmp / name}", *args] for name, args in FIRST.items()}, jobs)
+    first = {name: (tmp / name, done[name]) for name in FIRST}
+    if done["uninterrupted"].returncode != 0:
+        return first, {}  # the uninterrupted fixture reports it
+    return first, at_once({name: functools.partial(refused_then_forced, tmp / name, tmp / "uninterrupted", change)
+                           for name, change in CHANGES.items()}, jobs)
+
+
 @pytest.fixture(scope="module")
-def first_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
-    """The runs the tests resume or compare with (FIRST), two at a time: name -> (run_dir, result). A test
-    that changes one (the killed ones, resumed) is its only user; the others copy theirs."""
-    tmp = tmp_path_factory.mktemp("first")
-    done = train_all(tmp, {name: [f"run_dir={tmp / name}", *args] for name, args in FIRST.items()})
-    return {name: (tmp / name, done[name]) for name in FIRST}
+def first_runs(resume_runs) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    return resume_runs[0]
 
 
 @pytest.fixture(scope="module")
@@ -324,10 +334,8 @@ def refused_then_forced(tmp: Path, source: Path, change: list[str]) -> Changed:
 
 
 @pytest.fixture(scope="module")
-def changed(tmp_path_factory, uninterrupted) -> dict[str, Changed]:
-    """refused_then_forced for each of CHANGES, two at a time."""
-    return at_once({name: functools.partial(refused_then_forced, tmp_path_factory.mktemp(name), uninterrupted, change)
-                    for name, change in CHANGES.items()})
+def changed(resume_runs, uninterrupted) -> dict[str, Changed]:
+    return resume_runs[1]
 
 
 @pytest.mark.parametrize("name", CHANGES)

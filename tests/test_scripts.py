@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, at_once, clean_env
+from conftest import ROOT, at_once, clean_env, early
 
 TIMEOUT = 600
 
@@ -25,12 +25,12 @@ GRIDS = {  # each script's grid, small enough to solve in seconds
 }
 
 
-@pytest.fixture(scope="module")
-def grids(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
-    """Each script run on its grid, two at a time: script -> (its --out, its result)."""
-    outs = {script: tmp_path_factory.mktemp(script.removesuffix(".py")) / "out" for script in GRIDS}
+@early
+def grids(tmp: Path, jobs: int) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Each script run on its grid: script -> (its --out, its result)."""
+    outs = {script: tmp / script.removesuffix(".py") for script in GRIDS}
     done = at_once({script: functools.partial(run, script, "--out", str(outs[script]), *args)
-                    for script, args in GRIDS.items()})
+                    for script, args in GRIDS.items()}, jobs)
     return {script: (outs[script], done[script]) for script in GRIDS}
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import checkpoint, finish, train, train_process
+from conftest import checkpoint, early, finish, train, train_process
 
 CPU = ["trainer.accelerator=cpu", "trainer.progress_bar=false"]
 # Unsolvable within the budget, batches of 100 steps of a few hundredths of a second each (here): a signal lands
@@ -29,9 +29,9 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("reference")
+@early
+def reference(tmp: Path, jobs: int) -> dict:
+    """The checkpoint of the LONG run, uninterrupted."""
     done = train(tmp, f"run_dir={tmp / 'run'}", *LONG)
     assert done.returncode == 0, done.stderr[-2000:]
     return checkpoint(tmp / "run")

@@ -113,12 +113,14 @@ if not torch.cuda.is_available():
                     "trainer.accelerator=gpu": "trainer.accelerator: 'gpu' needs a CUDA GPU"})
 
 
-@pytest.fixture(scope="module")
-def machine_refusals(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
-    """train.py given each MACHINE request in a directory of its own, two at a time: request -> (cwd, result)."""
-    cwds = {args: tmp_path_factory.mktemp("machine") for args in MACHINE}
+@conftest.early
+def machine_refusals(tmp: Path, jobs: int) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """train.py given each MACHINE request in a directory of its own: request -> (that directory, result)."""
+    cwds = {args: tmp / str(i) for i, args in enumerate(MACHINE)}
+    for cwd in cwds.values():
+        cwd.mkdir()
     done = conftest.at_once({args: functools.partial(conftest.train, cwds[args], "trainer.progress_bar=false",
-                                                     *args.split(), timeout=120) for args in MACHINE})
+                                                     *args.split(), timeout=120) for args in MACHINE}, jobs)
     return {args: (cwds[args], done[args]) for args in MACHINE}
 
 

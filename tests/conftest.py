@@ -1,13 +1,15 @@
 """Test-wide setup (Triton's CPU interpreter, markers, the repository root on sys.path), the subprocess helpers
 the end-to-end tests share (train.py runs in sessions of their own, with timeouts) and the runs they share."""
 import contextlib
+import functools
 import os
 import signal
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TypeVar
 
 import pytest
 import torch
@@ -16,8 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if not torch.cuda.is_available():  # Triton runs on a CPU only through its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(ROOT))
-import datamodules  # noqa: E402,F401  (registers the tasks' declarations, as train.py does)
-import lightning_modules  # noqa: E402,F401  (and the model families')
 torch.set_num_threads(min(torch.get_num_threads(), 2))
 
 
@@ -31,6 +31,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 TIMEOUT = 300
+K, T = TypeVar("K"), TypeVar("T")
 
 
 def clean_env() -> dict:
@@ -78,25 +79,63 @@ def one_error_line(done: subprocess.CompletedProcess, prefix: str) -> str:
     return lines[0]
 
 
-def train_all(cwd: Path, runs: dict[str, list[str]], jobs: int = 2,
-              envs: Optional[dict[str, dict]] = None) -> dict[str, subprocess.CompletedProcess]:
+def at_once(calls: dict[K, Callable[[], T]], jobs: int = 2) -> dict[K, T]:
+    """Each call's result, ``jobs`` calls at a time: independent subprocess runs share the machine's two cores."""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {name: pool.submit(call) for name, call in calls.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def train_all(cwd: Path, runs: dict[K, list[str]], jobs: int = 2,
+              envs: Optional[dict[K, dict]] = None) -> dict[K, subprocess.CompletedProcess]:
     """Train.py runs (name -> arguments, and name -> environment where ``envs`` has one), ``jobs`` at a time (give
     each trainer.cpu_threads=1): name -> result."""
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return dict(zip(runs, pool.map(lambda name: train(cwd, *runs[name], env=(envs or {}).get(name)), runs)))
+    envs = envs or {}
+    return at_once({name: functools.partial(train, cwd, *args, env=envs.get(name)) for name, args in runs.items()},
+                   jobs)
 
 
-# Every preset, 20 steps with an evaluation and a checkpoint every 10: one thread each, two trained at a time.
+# --- shared runs, started early ---------------------------------------------------------------------------
+# A shared fixture made with ``early`` starts its runs as the session starts, in the background, one run at a
+# time beside the tests (the machine's second core), if a collected test uses it. A test that needs it before
+# its turn came runs it itself, two runs at a time.
+BACKGROUND = ThreadPoolExecutor(max_workers=1)
+EARLY: dict[str, Callable[[Path, int], object]] = {}  # fixture name -> its work(directory, jobs)
+STARTED: dict[str, Future] = {}
+
+
+def early(work: Callable[[Path, int], T]):
+    """A session fixture named like ``work`` whose value is work(a fresh directory, jobs at a time)."""
+    EARLY[work.__name__] = work
+
+    @pytest.fixture(scope="session", name=work.__name__)
+    def fixture(tmp_path_factory) -> T:
+        future = STARTED.get(work.__name__)
+        if future is None or future.cancel():  # not started yet: here and now
+            return work(tmp_path_factory.mktemp(work.__name__), 2)
+        return future.result()
+    return fixture
+
+
+@pytest.fixture(scope="session", autouse=True)
+def start_early(request, tmp_path_factory):
+    """Queue the early fixtures the collected tests use, in the order the tests first use them."""
+    for name in dict.fromkeys(name for item in request.session.items for name in item.fixturenames if name in EARLY):
+        STARTED[name] = BACKGROUND.submit(EARLY[name], tmp_path_factory.mktemp(name), 1)
+    yield
+    BACKGROUND.shutdown(wait=False, cancel_futures=True)
+
+
+# Every preset, 20 steps with an evaluation and a checkpoint every 10, on one thread.
 PRESET_RUN = ("trainer=cpu", "trainer.progress_bar=false", "trainer.cpu_threads=1", "trainer.max_steps=20",
               "eval.every_n_steps=10", "checkpoint.every_n_steps=10", "eval.size=64")
 
 
-@pytest.fixture(scope="session")
-def preset_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+@early
+def preset_runs(tmp: Path, jobs: int) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
     """Each experiment preset trained once for the session (PRESET_RUN): preset -> (run_dir, train.py's result).
     Copy a run before changing it."""
     from config import CONFIG_DIR
-    tmp = tmp_path_factory.mktemp("presets")
     presets = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
-    done = train_all(tmp, {p: [f"experiment={p}", f"run_dir={tmp / p}", *PRESET_RUN] for p in presets})
+    done = train_all(tmp, {p: [f"experiment={p}", f"run_dir={tmp / p}", *PRESET_RUN] for p in presets}, jobs)
     return {p: (tmp / p, done[p]) for p in presets}

@@ -19,7 +19,7 @@ from datamodules.parity import ParityTask
 from datamodules.stream import Ticket, pm1
 from runtime.launch import cluster_plugins, shared_run_dir
 from lightning_modules.parity_mlp import ParityMLP
-from conftest import ROOT, clean_env, finish, start, train, train_all
+from conftest import ROOT, clean_env, early, finish, start, train, train_all
 SHORT = ["trainer.accelerator=cpu", "trainer.progress_bar=false", "trainer.max_steps=50", "eval.every_n_steps=50",
          "checkpoint.every_n_steps=50", "eval.size=256"]
 COT_OPTIM = ["optim.name=sgd", "optim.lr=0.1"]  # why SGD: see test_ddp_matches_one_process
@@ -103,12 +103,11 @@ def test_averaged_rank_gradients_are_the_global_batch_gradient():
 EXPERIMENTS = {"parity_mlp": [], "cot_parity": COT_OPTIM}
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> dict:
-    """50 steps of each experiment in one process (the two trained at once): experiment -> final weights."""
-    tmp = tmp_path_factory.mktemp("one")
+@early
+def one_process(tmp: Path, jobs: int) -> dict:
+    """50 steps of each experiment in one process: experiment -> final weights."""
     done = train_all(tmp, {name: [f"experiment={name}", f"run_dir={tmp / name}", *SHORT, *extra]
-                           for name, extra in EXPERIMENTS.items()})
+                           for name, extra in EXPERIMENTS.items()}, jobs)
     for result in done.values():
         assert result.returncode == 0, result.stderr[-2000:]
     return {name: weights(tmp / name) for name in EXPERIMENTS}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from config import CONFIG_DIR, ConfigError, compose, to_yaml
-from conftest import ROOT, checkpoint, clean_env, finish, one_error_line, start, train
+from conftest import ROOT, checkpoint, clean_env, early, finish, one_error_line, start, train
 from runtime.experiment import evaluate_run, load_run
 
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -58,11 +58,10 @@ def test_eval_reproduces_the_summary_of_every_preset(tmp_path, preset_runs, pres
     assert record["members"] == summary["members"] and record["device"] == "cpu"
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> tuple[Path, dict]:
+@early
+def run(tmp: Path, jobs: int) -> tuple[Path, dict]:
     """A finished two-member parity run and its summary (copy it before changing it)."""
-    run_dir = tmp_path_factory.mktemp("eval") / "run"
-    return run_dir, trained(run_dir, "experiment=parity_mlp_ensemble", "model.ensemble=2", "data.n=30")
+    return tmp / "run", trained(tmp / "run", "experiment=parity_mlp_ensemble", "model.ensemble=2", "data.n=30")
 
 
 def copied(run: tuple[Path, dict], where: Path) -> Path:

@@ -1,5 +1,6 @@
 """Exact resume: kill -9 and continue to the same bits and the same TensorBoard curves; atomic
 checkpoint writes; bad checkpoints refused before training."""
+import functools
 import json
 import math
 import os
@@ -7,10 +8,12 @@ import random
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -25,7 +28,8 @@ from runtime.experiment import build
 from runtime.checkpointing import (IDENTITY_KEY, KILL_AT_STEP_ENV, LOGGED_STEP_KEY, AtomicCheckpointIO, ResumeState,
                                    identity_defaults, load_for_resume, resume_path, run_identity)
 from lightning_modules.parity_mlp import ParityMLP
-from conftest import ROOT, TIMEOUT, checkpoint, clean_env, finish, one_error_line, start, train, train_all
+from conftest import (ROOT, TIMEOUT, at_once, checkpoint, clean_env, early, finish, one_error_line, start, train,
+                      train_all)
 # Batches of 50 SGD steps (the largest that divides the eval and checkpoint periods); checkpoints at 200
 # and 400. The kill at 350 comes after the step-300 (and -350) metrics reached TensorBoard: the resumed run must hide
 # them and log them again. Momentum gives the optimizer a state to restore.
@@ -39,22 +43,44 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+PLAIN = [arg for arg in RUN if not arg.startswith("optim.momentum")]  # the default optimizer: the fused step
+FIRST = {"uninterrupted": RUN, "killed": RUN, "plain": PLAIN, "plain_killed": PLAIN}
+KILLED = {"killed", "plain_killed"}  # these SIGKILL themselves at step 350 (the fault drill: never a config key)
+
+
 def kill_at(step: int) -> dict:
-    """The environment of a run that SIGKILLs itself at ``step`` (the fault drill: never a config key)."""
+    """The environment of a run that SIGKILLs itself at ``step``."""
     return {**clean_env(), KILL_AT_STEP_ENV: str(step)}
 
 
+@early
+def resume_runs(tmp: Path, jobs: int) -> tuple[dict[str, tuple[Path, subprocess.CompletedProcess]], dict]:
+    """The runs the tests resume or compare with (FIRST: name -> (run_dir, result)), then a copy of the
+    uninterrupted one refused and forced with each of CHANGES (change -> Changed). A test that changes a
+    FIRST run (a killed one, resumed) is its only user; the others copy theirs."""
+    done = train_all(tmp, {name: [f"run_dir={tmp / name}", *args] for name, args in FIRST.items()}, jobs,
+                     envs={name: kill_at(350) for name in KILLED})
+    first = {name: (tmp / name, done[name]) for name in FIRST}
+    if done["uninterrupted"].returncode != 0:
+        return first, {}  # the uninterrupted fixture reports it
+    return first, at_once({name: functools.partial(refused_then_forced, tmp / name, tmp / "uninterrupted", change)
+                           for name, change in CHANGES.items()}, jobs)
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("uninterrupted")
-    done = train(tmp, f"run_dir={tmp / 'run'}", *RUN)
+def first_runs(resume_runs) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    return resume_runs[0]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(first_runs) -> Path:
+    run_dir, done = first_runs["uninterrupted"]
     assert done.returncode == 0, done.stderr[-2000:]
-    return tmp / "run"
+    return run_dir
 
 
-def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, uninterrupted):
-    run_dir = tmp_path / "run"
-    killed = train(tmp_path, f"run_dir={run_dir}", *RUN, env=kill_at(350))
+def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, first_runs, uninterrupted):
+    run_dir, killed = first_runs["killed"]
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert checkpoint(run_dir)["global_step"] == 200
     assert max(step for step, _ in scalars(run_dir)["train/loss"]) >= 300  # logged past the checkpoint
@@ -82,17 +108,14 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, uninterru
         assert same and len(points) == len(reference_curves[tag]), (tag, points, reference_curves[tag])
 
 
-def test_a_killed_run_on_the_fused_plain_sgd_path_resumes_bitwise(tmp_path):
+def test_a_killed_run_on_the_fused_plain_sgd_path_resumes_bitwise(tmp_path, first_runs):
     """The default optimizer (plain SGD) trains on the fused step, which keeps no optimizer state of its own."""
-    plain = [arg for arg in RUN if not arg.startswith("optim.momentum")]
-    whole, run_dir = tmp_path / "whole", tmp_path / "run"
-    done = train_all(tmp_path, {"whole": [f"run_dir={whole}", *plain], "killed": [f"run_dir={run_dir}", *plain]},
-                     envs={"killed": kill_at(350)})  # the two at once
-    assert done["whole"].returncode == 0, done["whole"].stderr[-2000:]
+    (whole, done), (run_dir, killed) = first_runs["plain"], first_runs["plain_killed"]
+    assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((whole / "summary.json").read_text())["train_path"] == "fused"
-    assert done["killed"].returncode == -signal.SIGKILL, done["killed"].stderr[-2000:]
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert checkpoint(run_dir)["global_step"] == 200
-    resumed = train(tmp_path, f"run_dir={run_dir}", *plain, "resume=auto")
+    resumed = train(tmp_path, f"run_dir={run_dir}", *PLAIN, "resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     mine, reference = checkpoint(run_dir), checkpoint(whole)
     assert mine["global_step"] == reference["global_step"] == 400
@@ -293,22 +316,44 @@ def test_a_stream_resumed_off_the_batch_grid_rejoins_it():
 
 
 # --- resuming with other settings ------------------------------------------------------------------------
-@pytest.mark.parametrize("change", [["optim.lr=0.05"], ["optim.name=adam", "optim.lr=0.001"], ["model.loss=square"]])
-def test_changed_settings_are_refused_unless_forced_and_then_take_effect(tmp_path, uninterrupted, change):
-    run_dir = tmp_path / "run"
-    shutil.copytree(uninterrupted, run_dir)
+CHANGES = {"lr": ["optim.lr=0.05"], "adam": ["optim.name=adam", "optim.lr=0.001"], "loss": ["model.loss=square"]}
+
+
+class Changed(NamedTuple):
+    run_dir: Path
+    config: str  # its config.yaml before
+    after_refusal: str  # and after the refused resume
+    refused: subprocess.CompletedProcess
+    forced: subprocess.CompletedProcess
+
+
+def refused_then_forced(tmp: Path, source: Path, change: list[str]) -> Changed:
+    """A copy of ``source`` resumed to step 500 with ``change``, first as is, then with resume_force."""
+    run_dir = tmp / "run"
+    shutil.copytree(source, run_dir)
     config = (run_dir / "config.yaml").read_text()
+    run = [arg for arg in RUN if "optim.name=adam" not in change or not arg.startswith("optim.momentum")]
+    args = [f"run_dir={run_dir}", *run, "resume=auto", "trainer.max_steps=500", *change]
+    refused = train(tmp, *args)
+    after_refusal = (run_dir / "config.yaml").read_text()
+    return Changed(run_dir, config, after_refusal, refused, train(tmp, *args, "resume_force=true"))
+
+
+@pytest.fixture(scope="module")
+def changed(resume_runs, uninterrupted) -> dict[str, Changed]:
+    return resume_runs[1]
+
+
+@pytest.mark.parametrize("name", CHANGES)
+def test_changed_settings_are_refused_unless_forced_and_then_take_effect(changed, name):
+    change, (run_dir, config, after_refusal, refused, forced) = CHANGES[name], changed[name]
     if "optim.name=adam" in change:  # Adam has no momentum key: the run's own is refused beside it
         with pytest.raises(ConfigError, match="^optim.momentum: does not apply to optim.name=adam"):
             compose([*RUN, *change])
-    run = [arg for arg in RUN if "optim.name=adam" not in change or not arg.startswith("optim.momentum")]
-    refused = train(tmp_path, f"run_dir={run_dir}", *run, "resume=auto", "trainer.max_steps=500", *change)
     line = one_error_line(refused, f"resume: {run_dir / 'checkpoints' / 'last.ckpt'} was trained with other settings")
     assert all(arg.split("=")[0] in line for arg in change), line
-    assert (run_dir / "config.yaml").read_text() == config
+    assert after_refusal == config
 
-    forced = train(tmp_path, f"run_dir={run_dir}", *run, "resume=auto", "trainer.max_steps=500", *change,
-                   "resume_force=true")
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert (run_dir / "config-to-step-400.yaml").read_text() == config  # what ran before is kept
     recorded = OmegaConf.load(run_dir / "config.yaml")

@@ -9,7 +9,7 @@ import pytest
 
 from config import ConfigError
 from runtime.run_dirs import RunDirLock, claim, make_run_dir, write_atomic
-from conftest import checkpoint, finish, one_error_line, train, train_all, train_process
+from conftest import checkpoint, early, finish, one_error_line, train, train_all, train_process
 
 CPU = ["trainer.accelerator=cpu", "trainer.progress_bar=false", "eval.size=256"]
 SHORT = [*CPU, "trainer.max_steps=200", "eval.every_n_steps=100", "checkpoint.every_n_steps=100", "data.k=6"]
@@ -21,9 +21,9 @@ def snapshot(run_dir: Path) -> dict[str, str]:
             for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("finished")
+@early
+def finished_run(tmp: Path, jobs: int) -> Path:
+    """A finished SHORT run (copy it before changing it)."""
     done = train(tmp, f"run_dir={tmp / 'run'}", *SHORT)
     assert done.returncode == 0, done.stderr[-2000:]
     return tmp / "run"

@@ -1,12 +1,14 @@
 """The experiment scripts of docs/results.md, each run end to end on a grid small enough to solve in seconds."""
 import csv
+import functools
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, clean_env
+from conftest import ROOT, at_once, clean_env, early
 
 TIMEOUT = 600
 
@@ -16,28 +18,42 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=TIMEOUT)
 
 
-def test_cot_vs_k_solves_k_2_with_the_gate_chain(tmp_path):
-    done = run("cot_vs_k.py", "--out", str(tmp_path / "out"), "--k", "2", "--budget", "300", "--chains", "gates")
+GRIDS = {  # each script's grid, small enough to solve in seconds
+    "cot_vs_k.py": ["--k", "2", "--budget", "300", "--chains", "gates"],
+    "chain_stride.py": ["--kinds", "mlp", "--n", "8", "--k", "4", "--strides", "1", "4", "--budget", "300"],
+    "staircase_vs_parity.py": ["--k", "1", "--n", "4", "--at-n", "4", "--at-k", "1", "--budget", "500", "--jobs", "2"],
+}
+
+
+@early
+def grids(tmp: Path, jobs: int) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Each script run on its grid: script -> (its --out, its result)."""
+    outs = {script: tmp / script.removesuffix(".py") for script in GRIDS}
+    done = at_once({script: functools.partial(run, script, "--out", str(outs[script]), *args)
+                    for script, args in GRIDS.items()}, jobs)
+    return {script: (outs[script], done[script]) for script in GRIDS}
+
+
+def test_cot_vs_k_solves_k_2_with_the_gate_chain(grids):
+    out, done = grids["cot_vs_k.py"]
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = list(csv.DictReader(open(tmp_path / "out" / "cot_vs_k.csv")))
+    rows = list(csv.DictReader(open(out / "cot_vs_k.csv")))
     assert [(r["chain"], r["k"]) for r in rows] == [("gates", "2")] and int(rows[0]["solved_step"]) <= 300
-    assert (tmp_path / "out" / "cot_vs_k.png").stat().st_size > 0
+    assert (out / "cot_vs_k.png").stat().st_size > 0
 
 
-def test_chain_stride_runs_its_grid_and_stops_after_unsolved_strides(tmp_path):
-    done = run("chain_stride.py", "--out", str(tmp_path / "out"), "--kinds", "mlp", "--n", "8", "--k", "4",
-               "--strides", "1", "4", "--budget", "300")
+def test_chain_stride_runs_its_grid_and_stops_after_unsolved_strides(grids):
+    out, done = grids["chain_stride.py"]
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = {r["stride"]: r for r in csv.DictReader(open(tmp_path / "out" / "chain_stride.csv"))}
+    rows = {r["stride"]: r for r in csv.DictReader(open(out / "chain_stride.csv"))}
     assert set(rows) == {"1", "4"} and rows["1"]["solved_step"] != ""  # stride 1: the sequential chain
-    assert "| 1 |" in (tmp_path / "out" / "chain_stride.md").read_text()
+    assert "| 1 |" in (out / "chain_stride.md").read_text()
 
 
-def test_staircase_vs_parity_tabulates_both_tasks(tmp_path):
-    done = run("staircase_vs_parity.py", "--out", str(tmp_path / "out"), "--k", "1", "--n", "4", "--at-n", "4",
-               "--at-k", "1", "--budget", "500", "--jobs", "2")
+def test_staircase_vs_parity_tabulates_both_tasks(grids):
+    out, done = grids["staircase_vs_parity.py"]
     assert done.returncode == 0, done.stderr[-2000:]
-    table = (tmp_path / "out" / "staircase_vs_parity.md").read_text()
+    table = (out / "staircase_vs_parity.md").read_text()
     assert "staircase" in table and "parity" in table and "(16/16)" in table, table  # k = 1: a copy, every member
 
 

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import checkpoint, finish, train, train_process
+from conftest import checkpoint, early, finish, train, train_process
 
 CPU = ["trainer.accelerator=cpu", "trainer.progress_bar=false"]
-# Unsolvable within the budget, batches of 100 steps of ~0.1 s each (here): a signal lands inside a batch.
-LONG = [*CPU, "data.k=6", "data.batch_size=16384", "eval.size=256", "eval.every_n_steps=600",
-        "checkpoint.every_n_steps=600", "trainer.max_steps=600"]
+# Unsolvable within the budget, batches of 100 steps of a few hundredths of a second each (here): a signal lands
+# inside a batch.
+LONG = [*CPU, "data.k=6", "data.batch_size=16384", "eval.size=256", "eval.every_n_steps=300",
+        "checkpoint.every_n_steps=300", "trainer.max_steps=300"]
 
 
 def wait_for(path: Path, proc, timeout: float = 120) -> None:
@@ -28,9 +29,9 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("reference")
+@early
+def reference(tmp: Path, jobs: int) -> dict:
+    """The checkpoint of the LONG run, uninterrupted."""
     done = train(tmp, f"run_dir={tmp / 'run'}", *LONG)
     assert done.returncode == 0, done.stderr[-2000:]
     return checkpoint(tmp / "run")
@@ -49,17 +50,17 @@ def test_a_signal_checkpoints_the_current_step_and_the_resumed_run_is_bitwise_eq
     lines = done.stderr.strip().splitlines()
     assert lines == [f"stopped by {signal.Signals(signum).name}: checkpoint {run_dir / 'checkpoints' / 'last.ckpt'} "
                      f"at step {step}; resume=auto continues"], done.stderr[-2000:]
-    assert 0 < step < 600 and not (run_dir / "summary.json").exists()
+    assert 0 < step < 300 and not (run_dir / "summary.json").exists()
 
     resumed = train(tmp_path, f"run_dir={run_dir}", *LONG, "resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert same_weights(checkpoint(run_dir)["state_dict"], reference["state_dict"])
 
 
-def kill_and_resume(cwd: Path, run_dir: Path, args: list[str], kills: int, steps: int) -> int:
+def kill_repeatedly(cwd: Path, run_dir: Path, args: list[str], kills: int, steps: int) -> int:
     """Start the run (trainer.max_steps=``steps``) ``kills`` times, killing it by SIGKILL and SIGTERM in turn at a
-    random moment after its process saved a checkpoint, then let it finish: every restart must continue from the
-    newest checkpoint and leave only last.ckpt. Returns how many kills landed inside a checkpoint write."""
+    random moment after its process saved a checkpoint: every restart must continue from the newest checkpoint
+    and leave only last.ckpt. Returns how many kills landed inside a checkpoint write."""
     rng, newest, torn = random.Random(0), 0, 0
     last = run_dir / "checkpoints" / "last.ckpt"
     for kill in range(kills):
@@ -81,21 +82,23 @@ def kill_and_resume(cwd: Path, run_dir: Path, args: list[str], kills: int, steps
         assert newest < step < steps, (kill, newest, step)  # resumed from the newest and got further
         assert [p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.endswith(".tmp")] == ["last.ckpt"]
         newest = step
-    done = train(cwd, f"run_dir={run_dir}", *args)
-    assert done.returncode == 0, done.stderr[-2000:]
     return torn
 
 
 def test_kill_drill_sigkill_and_sigterm_at_random_moments(tmp_path):
-    """One run killed 4 times (kill_and_resume; a checkpoint every step, 12 MB, batch 1: writing takes most of
-    the time, so SIGKILLs land inside writes) ends with only last.ckpt, no temporary file, and bitwise equal
-    to an uninterrupted run (trained meanwhile)."""
+    """One run killed 4 times (kill_repeatedly; a checkpoint every step, 12 MB, batch 1: writing takes most of
+    the time, so SIGKILLs land inside writes), then resumed to its end, ends with only last.ckpt, no temporary
+    file, and bitwise equal to an uninterrupted run (trained meanwhile). Neither of those two checkpoints
+    every step (a run option: the same bits)."""
     drill = [*CPU, "data.n=64", "model.width=3000", "model.ensemble=8", "data.k=6", "data.batch_size=1",
              "eval.size=64", "eval.every_n_steps=400", "checkpoint.every_n_steps=1", "trainer.max_steps=400",
              "eval.hidden_progress=false", "resume=auto"]
-    reference, run_dir = train_process(tmp_path, f"run_dir={tmp_path / 'reference'}", *drill), tmp_path / "run"
+    once = "checkpoint.every_n_steps=400"
+    reference, run_dir = train_process(tmp_path, f"run_dir={tmp_path / 'reference'}", *drill, once), tmp_path / "run"
     try:
-        torn = kill_and_resume(tmp_path, run_dir, drill, kills=4, steps=400)
+        torn = kill_repeatedly(tmp_path, run_dir, drill, kills=4, steps=400)
+        done = train(tmp_path, f"run_dir={run_dir}", *drill, once)
+        assert done.returncode == 0, done.stderr[-2000:]
     except BaseException:
         os.killpg(reference.pid, signal.SIGKILL)
         raise

@@ -315,9 +315,9 @@ def test_a_sweep_stopped_by_sigterm_continues_its_cell_from_the_checkpoint(tmp_p
     """The real train.py: SIGTERM to the sweep stops the cell at a step with a checkpoint; the same sweep
     command again continues that cell (resume=auto) to its budget and writes the results."""
     out = tmp_path / "sweep"
-    # batches of 16384 samples: 600 steps take seconds, so the signal lands before the budget is spent
+    # batches of 16384 samples: 300 steps take seconds, so the signal lands before the budget is spent
     command = [sys.executable, "sweep.py", "trainer.accelerator=cpu", "data.k=6", "data.batch_size=16384",
-               "eval.size=64", "eval.every_n_steps=600", "checkpoint.every_n_steps=600", "trainer.max_steps=600",
+               "eval.size=64", "eval.every_n_steps=300", "checkpoint.every_n_steps=300", "trainer.max_steps=300",
                "--grid", "data.n=40", "--out", str(out)]
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     cell = out / "runs" / "data.n=40"
@@ -330,8 +330,8 @@ def test_a_sweep_stopped_by_sigterm_continues_its_cell_from_the_checkpoint(tmp_p
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
     stopped = torch.load(cell / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    assert 0 < stopped < 600 and not (cell / "summary.json").exists()
+    assert 0 < stopped < 300 and not (cell / "summary.json").exists()
     again = sweep(capsys, *command[2:])  # the same command, run here
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert json.loads((cell / "summary.json").read_text())["steps"] == 600
+    assert json.loads((cell / "summary.json").read_text())["steps"] == 300
     assert [r["cell"] for r in json.loads((out / "results.json").read_text())["cells"]] == ["data.n=40"]

@@ -1,4 +1,5 @@
 """train.py end to end: bad input, run directories, TensorBoard, one smoke run per experiment preset."""
+import functools
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import torch
 
 from config import CONFIG_DIR, ConfigError, compose
 import conftest
-from conftest import clean_env, one_error_line
+from conftest import one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -114,12 +115,22 @@ if not torch.cuda.is_available():
                     "trainer.accelerator=gpu": "trainer.accelerator: 'gpu' needs a CUDA GPU"})
 
 
+@conftest.early
+def machine_refusals(tmp: Path, jobs: int) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """train.py given each MACHINE request in a directory of its own: request -> (that directory, result)."""
+    cwds = {args: tmp / str(i) for i, args in enumerate(MACHINE)}
+    for cwd in cwds.values():
+        cwd.mkdir()
+    done = conftest.at_once({args: functools.partial(conftest.train, cwds[args], "trainer.progress_bar=false",
+                                                     *args.split(), timeout=120) for args in MACHINE}, jobs)
+    return {args: (cwds[args], done[args]) for args in MACHINE}
+
+
 @pytest.mark.parametrize("args", MACHINE)
-def test_requests_the_machine_cannot_meet_are_one_line_and_write_nothing(tmp_path, args):
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "trainer.progress_bar=false", *args.split()],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env=clean_env())
+def test_requests_the_machine_cannot_meet_are_one_line_and_write_nothing(machine_refusals, args):
+    cwd, done = machine_refusals[args]
     one_error_line(done, MACHINE[args])
-    assert not list(tmp_path.iterdir())
+    assert not list(cwd.iterdir())
 
 
 def test_a_run_that_ends_in_its_first_batch_reports_its_rate(tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 from config import CONFIG_DIR, ConfigError, compose
 import conftest
-from conftest import one_error_line
+from conftest import clean_env, one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if not torch.cuda.is_available():  # Triton runs on a CPU only through its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(min(torch.get_num_threads(), 2))
+torch.set_num_threads(1)  # as train.py (trainer.cpu_threads=1): small tensors, and the early runs use the other core
 
 
 def pytest_collection_modifyitems(config, items):
@@ -88,8 +88,8 @@ def at_once(calls: dict[K, Callable[[], T]], jobs: int = 2) -> dict[K, T]:
 
 def train_all(cwd: Path, runs: dict[K, list[str]], jobs: int = 2,
               envs: Optional[dict[K, dict]] = None) -> dict[K, subprocess.CompletedProcess]:
-    """Train.py runs (name -> arguments, and name -> environment where ``envs`` has one), ``jobs`` at a time (give
-    each trainer.cpu_threads=1): name -> result."""
+    """Train.py runs (name -> arguments, and name -> environment where ``envs`` has one), ``jobs`` at a time:
+    name -> result."""
     envs = envs or {}
     return at_once({name: functools.partial(train, cwd, *args, env=envs.get(name)) for name, args in runs.items()},
                    jobs)
@@ -126,9 +126,9 @@ def start_early(request, tmp_path_factory):
     BACKGROUND.shutdown(wait=False, cancel_futures=True)
 
 
-# Every preset, 20 steps with an evaluation and a checkpoint every 10, on one thread.
-PRESET_RUN = ("trainer=cpu", "trainer.progress_bar=false", "trainer.cpu_threads=1", "trainer.max_steps=20",
-              "eval.every_n_steps=10", "checkpoint.every_n_steps=10", "eval.size=64")
+# Every preset, 20 steps with an evaluation and a checkpoint every 10.
+PRESET_RUN = ("trainer=cpu", "trainer.progress_bar=false", "trainer.max_steps=20", "eval.every_n_steps=10",
+              "checkpoint.every_n_steps=10", "eval.size=64")
 
 
 @early

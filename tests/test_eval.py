@@ -38,7 +38,7 @@ def spoil_recorded_accuracy(run_dir: Path) -> None:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_eval_reproduces_the_summary_of_every_preset(tmp_path, preset_runs, preset):
-    trained_run, done = preset_runs[preset]  # one thread, as evaluate_run sets it from trainer.cpu_threads
+    trained_run, done = preset_runs[preset]
     assert done.returncode == 0, done.stderr[-2000:]
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)

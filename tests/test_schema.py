@@ -101,16 +101,8 @@ def differs(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 def walk(preset: str) -> dict[str, str]:
     """Every key the walk visited in the preset's schema, with what it found: a selector, a run option, refused
     (for the alternative value), acts, or inert."""
-    found: dict[str, str] = {}
     baselines: dict[tuple, list[torch.Tensor]] = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is several times faster than two on a busy 2-core machine
-    try:
-        for key in accepted(compose(tiny(preset, []))):
-            found[key] = verdict(preset, key, baselines)
-    finally:
-        torch.set_num_threads(threads)
-    return found
+    return {key: verdict(preset, key, baselines) for key in accepted(compose(tiny(preset, [])))}
 
 
 def verdict(preset: str, key: str, baselines: dict[tuple, list[torch.Tensor]]) -> str:

@@ -172,7 +172,7 @@ def test_a_long_batch_trains_and_logs_what_short_ones_do(tmp_path):
     """The default run's 500-step batches against 100-step ones: the same weights, bit for bit, and train/loss
     at the same steps (every 100) with the same values."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    run = ["trainer.accelerator=cpu", "trainer.progress_bar=false", "trainer.cpu_threads=1", "trainer.max_steps=1000",
+    run = ["trainer.accelerator=cpu", "trainer.progress_bar=false", "trainer.max_steps=1000",
            "eval.hidden_progress=false"]
     done = conftest.train_all(tmp_path, {steps: [f"run_dir={tmp_path / steps}", *run,  # the two at once
                                                  f"trainer.steps_per_batch={steps}"] for steps in ("0", "100")})

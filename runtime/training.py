@@ -130,6 +130,8 @@ def train(cfg: Config) -> int:
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=plan.resume)
     except ConfigError as err:  # the ranks disagree (RankAgreement)
+        if torch.distributed.is_initialized():  # no collective's thread left running at exit (it aborts the process)
+            torch.distributed.destroy_process_group()
         return refuse(str(err))
     last = run_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(last)

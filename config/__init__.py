@@ -13,6 +13,7 @@ torch or Lightning, so a bad command line is refused before they load. A preset'
 task, family or optimizer is dropped, so ``experiment=cot_parity model.kind=linear`` works; the
 same key given on the command line is refused, naming it.
 """
+import importlib
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -116,6 +117,12 @@ class ConfigError(ValueError):
 TASKS: dict[str, type] = {}  # data.task -> the task's declarations (datamodules/problem.py: Problem)
 MODELS: dict[str, type] = {}  # model.name, or name/kind -> the family's declarations (lightning_modules/family.py)
 DEFAULT_KINDS: dict[str, str] = {}  # model.name -> the kind it means when model.kind is not given
+
+
+def load_class(path: str) -> type:
+    """The class a registered part names as ``"package.module:Class"`` (imported now, not when it registered)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def task_class(name: str) -> type:

@@ -4,11 +4,10 @@ To add a task, declare a ``Problem`` subclass with ``@register_task("name")`` in
 this package, and write its DataModule (a ``datamodules.task.Task`` deriving from that class) in another;
 ``datamodule`` names it. docs/extending.md walks through it. Nothing here imports torch or Lightning.
 """
-import importlib
 from dataclasses import dataclass
 from typing import ClassVar
 
-from config import TASKS, Config, DataConfig
+from config import TASKS, Config, DataConfig, load_class
 
 
 def register_task(name: str):
@@ -72,5 +71,4 @@ class Problem:
     @classmethod
     def implementation(cls) -> type:
         """The DataModule class named by ``datamodule``."""
-        path, _, name = cls.datamodule.partition(":")
-        return getattr(importlib.import_module(path), name)
+        return load_class(cls.datamodule)

@@ -6,11 +6,10 @@ To add a model, declare a ``ModelFamily`` subclass with ``@register_model("name"
 ``*_config.py`` file of this package, and write its LightningModule, deriving from that class, in another;
 ``module`` names it. docs/extending.md walks through it. Nothing here imports torch or Lightning.
 """
-import importlib
 import math
 from typing import Any, ClassVar, NamedTuple, Optional
 
-from config import DEFAULT_KINDS, MODELS, Config, ModelConfig
+from config import DEFAULT_KINDS, MODELS, Config, ModelConfig, load_class
 
 FLOAT, INDEX = 4, 8  # bytes of a float32 and of an int64 token
 
@@ -59,8 +58,7 @@ class ModelFamily:
     @classmethod
     def implementation(cls) -> type:
         """The LightningModule class named by ``module``."""
-        path, _, name = cls.module.partition(":")
-        return getattr(importlib.import_module(path), name)
+        return load_class(cls.module)
 
     # --- what the LightningModule defines -------------------------------------------------------
     @classmethod

@@ -15,10 +15,12 @@ same key given on the command line is refused, naming it.
 """
 import importlib
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -170,7 +172,7 @@ def compose(args: list[str]) -> Config:
         groups = {**base.pop("defaults", {}), **groups}
         presets = [("configs/train.yaml", base)]
         presets += [(f"configs/{group}/{groups[group]}.yaml", _preset(group, groups[group])) for group in GROUPS[::-1]]
-        given = OmegaConf.from_dotlist(dotlist)
+        given = from_dotlist(dotlist)
         raw = OmegaConf.merge(*(layer for _, layer in presets), given)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
@@ -197,6 +199,22 @@ def compose(args: list[str]) -> Config:
         raise ConfigError(_one_line(err)) from None
     validate(config, given=set(leaves(given)))
     return config
+
+
+def from_dotlist(dotlist: list[str]) -> DictConfig:
+    """The command line's ``key=value`` overrides. Refused, naming the key: an empty value (most often a shell
+    variable that was not set; ``key=null`` means none) and one YAML cannot read as plain data (a ``!!python/...``
+    tag: nothing of it runs, the safe loader refuses it)."""
+    given = OmegaConf.create()
+    for arg in dotlist:
+        key, _, value = arg.partition("=")
+        if not value.strip():
+            raise ConfigError(f"{key}: empty value ({key}=null means none)")
+        try:
+            given.merge_with_dotlist([arg])
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key}: {value!r} is not a plain value ({str(err).splitlines()[0]})") from None
+    return given
 
 
 def schema_for(raw: DictConfig) -> Config:
@@ -269,6 +287,7 @@ def _one_line(err: OmegaConfBaseException) -> str:
     return f"{key}: {message}" if key else message
 
 
+NAME_MAX = 255  # bytes in one file name: the limit of Linux file systems
 SAMPLE_IDS = 2**64  # a sample's index within its stream is 64-bit (kernels/sparse_parity.py)
 
 
@@ -281,6 +300,10 @@ def validate(cfg: Config, world_size: Optional[int] = None, given: set[str] = fr
         value = getattr(getattr(cfg, section), name)
         need(value in allowed, key, f"{value!r} is not one of {', '.join(allowed)}")
     need(0 <= cfg.seed < 2**63, "seed", f"must be in [0, 2**63), got {cfg.seed}")
+    for key in ("run_dir", "resume"):
+        for part in Path(getattr(cfg, key) or "").parts:
+            size = len(os.fsencode(part))
+            need(size <= NAME_MAX, key, f"{part[:24]}... is a name of {size} bytes; file systems allow {NAME_MAX}")
     need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
     task_class(d.task).validate(cfg)
     model_family(cfg.model).validate(cfg, given)
@@ -306,6 +329,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, given: set[str] = fr
     devices = t.devices
     need(devices == "auto" or (isinstance(devices, int) and devices >= 1) or isinstance(devices, list),
          "trainer.devices", f"must be a count >= 1, a list of ids or 'auto', got {devices!r}")
+    need(not isinstance(devices, list) or len(set(devices)) == len(devices), "trainer.devices",
+         f"{devices} names a device more than once")
     world_size = world_size or requested_world_size(cfg)
     if world_size:
         need(d.batch_size % world_size == 0, "data.batch_size",

@@ -171,7 +171,8 @@ def column_norm_image(norms: torch.Tensor, secret: list[int], pixel: int = 4) ->
     marker = torch.ones(rgb.shape[0], pixel, 3)
     marker[: len(secret) * pixel] = 0.0
     rgb = torch.cat([marker, rgb], dim=1)
-    rgb[len(secret) * pixel] = 0.0  # black line under the secret rows
+    if len(order) > len(secret):  # k < n: a black line under the secret rows
+        rgb[len(secret) * pixel] = 0.0
     return (rgb * 255).round().to(torch.uint8)
 
 

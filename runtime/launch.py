@@ -67,8 +67,6 @@ def check_devices(cfg: Config) -> None:
     if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator: {t.accelerator!r} needs a CUDA GPU and none is available here "
                           "(trainer=cpu trains on the CPU)")
-    if isinstance(t.devices, list) and len(set(t.devices)) != len(t.devices):
-        raise ConfigError(f"trainer.devices: {list(t.devices)} names a device more than once")
     on_cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
     if isinstance(t.devices, list) and on_cpu:
         raise ConfigError(f"trainer.devices: a CPU run takes a count of processes, not the device ids "

@@ -14,6 +14,7 @@ import datamodules  # noqa: F401  (registers every task's declarations)
 import lightning_modules  # noqa: F401  (and every model family's)
 from config import Config, ConfigError, compose
 from lightning_modules import stopping
+from runtime.console import guard_streams
 from runtime.run_dirs import RUN_DIR_ENV, check_free
 
 LAUNCHED_RANK = ("LOCAL_RANK", "RANK", "SLURM_PROCID")  # set where a launcher started this process as one rank
@@ -33,6 +34,7 @@ def check_early(cfg: Config) -> None:
 
 
 def main(argv: list[str]) -> int:
+    guard_streams()  # a closed or ASCII-only stdout never stops a run
     stopping.install()  # from here on SIGTERM / SIGINT stop the run at a step, with a checkpoint
     try:
         cfg = compose(argv)

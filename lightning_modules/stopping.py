@@ -1,7 +1,7 @@
-"""Stop on SIGTERM or SIGINT at the current SGD step, with a checkpoint there (docs/multinode.md).
+"""Stop on SIGTERM, SIGINT or SIGHUP (a closed terminal) at the current SGD step, with a checkpoint there.
 
-``install()`` (train.py, before anything is built) makes both signals set a flag instead of killing the
-process or raising KeyboardInterrupt mid-write; a second signal of either kind ends the process at
+``install()`` (train.py, before anything is built) makes these signals set a flag instead of killing the
+process or raising KeyboardInterrupt mid-write; a second signal of any of them ends the process at
 once (exit 128 + signal; checkpoint writes are atomic, so nothing on disk is torn). The training
 loops call ``requested()`` between SGD steps and cut their batch short; ``StopOnSignal`` (runtime/callbacks.py)
 then ends fit at that batch's end, every rank at the same step, and train.py saves last.ckpt, says so in one
@@ -11,7 +11,7 @@ import os
 import signal
 from typing import Optional
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _received: Optional[int] = None
 
 
@@ -38,6 +38,6 @@ FORWARD: list = []  # where to pass a signal on: the ranks Lightning's launcher 
 
 
 def install() -> None:
-    """Route SIGTERM and SIGINT to the stop flag (main thread only, as Python requires)."""
+    """Route SIGTERM, SIGINT and SIGHUP to the stop flag (main thread only, as Python requires)."""
     for signum in SIGNALS:
         signal.signal(signum, _handler)

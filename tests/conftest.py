@@ -71,6 +71,12 @@ def checkpoint(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
+def dead_pid() -> int:
+    """The pid of a process that has ended (its writes, if it left any, are debris)."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
 def one_error_line(done: subprocess.CompletedProcess, prefix: str) -> str:
     """The single stderr line of a refused run (exit 2), checked to start with ``error: <prefix>``."""
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])

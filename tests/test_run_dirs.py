@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from config import ConfigError
-from runtime.run_dirs import RunDirLock, claim, make_run_dir, write_atomic
-from conftest import checkpoint, early, finish, one_error_line, train, train_all, train_process
+from runtime.run_dirs import HOST, RunDirLock, claim, make_run_dir, write_atomic
+from conftest import checkpoint, dead_pid, early, finish, one_error_line, train, train_all, train_process
 
 CPU = ["trainer.accelerator=cpu", "trainer.progress_bar=false", "eval.size=256"]
 SHORT = [*CPU, "trainer.max_steps=200", "eval.every_n_steps=100", "checkpoint.every_n_steps=100", "data.k=6"]
@@ -78,8 +78,9 @@ def test_a_forced_resume_of_another_runs_checkpoint_writes_a_fresh_directory(tmp
 def test_a_moved_run_resumes_into_last_ckpt_without_versioned_siblings(tmp_path, finished_run):
     moved = tmp_path / "moved"
     shutil.copytree(finished_run, moved)
-    (moved / "checkpoints" / ".last.ckpt.999-dead.tmp").write_bytes(b"torn")  # debris of a kill mid-write
-    (moved / ".summary.json.999-dead.tmp").write_text("{")
+    gone = dead_pid()
+    (moved / "checkpoints" / f".last.ckpt.{HOST}-{gone}-0badc0de.tmp").write_bytes(b"torn")  # a kill mid-write
+    (moved / f".summary.json.{gone}-0badc0de.tmp").write_text("{")  # named as before temp files named their host
     for steps in (400, 600):  # the second resume must start from the first one's checkpoint
         done = train(tmp_path, f"run_dir={moved}", *SHORT, "resume=auto", f"trainer.max_steps={steps}")
         assert done.returncode == 0 and done.stderr.strip() == "", done.stderr[-2000:]  # no Lightning notices
@@ -130,7 +131,7 @@ def test_claim_refuses_a_locked_or_occupied_directory_and_cleans_debris(tmp_path
     with pytest.raises(ConfigError, match="already holds a run"):
         claim(run_dir, resumes_it=False)
     (run_dir / "checkpoints").mkdir()
-    (run_dir / "checkpoints" / ".last.ckpt.1-ab.tmp").write_bytes(b"")
+    (run_dir / "checkpoints" / f".last.ckpt.{HOST}-{dead_pid()}-0123abcd.tmp").write_bytes(b"")
     claim(run_dir, resumes_it=True).release()
     assert not list((run_dir / "checkpoints").iterdir())
     a, b = make_run_dir("x", 0, tmp_path), make_run_dir("x", 0, tmp_path)

@@ -3,6 +3,9 @@
 * ``AtomicCheckpointIO`` writes a checkpoint to a temporary file beside the target, fsyncs it and
   renames it over the target: a kill at any moment leaves the old file or the new one, never a torn one.
   It hands Lightning the checkpoint train.py already loaded and checked (``preload``), so the file is read once.
+* Every checkpoint carries the SHA-256 of its bytes in its zip archive's comment (``write_digested``);
+  ``read_checkpoint`` verifies it before torch unpickles anything, so a flipped bit anywhere in the file is
+  refused in one line. A checkpoint written before digests loads unchecked, said once.
 * ``resume_path`` turns ``resume=PATH|auto`` into a file; ``load_for_resume`` refuses, with one line, a
   missing or unreadable checkpoint, one of another problem (experiment, seed, the task's identity: n, k, secret, ...) or shape, and
   one trained with other settings (``run_settings``: optimizer, schedule, model, data). ``resume_force=true``
@@ -10,13 +13,16 @@
 * ``ResumeState`` stores that identity, the settings and the RNG states in every checkpoint and puts the RNG back.
 * ``KillAtStep`` (environment ``PARITYLAB_KILL_AT_STEP=N``) SIGKILLs the process: the resume tests' fault drill.
 """
+import hashlib
+import io
 import logging
 import os
 import random
 import signal
-from dataclasses import MISSING, fields
+import sys
+from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Optional
 
 import lightning as L
 import numpy as np
@@ -56,7 +62,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if self.preload is not None and Path(path).resolve() == self.preload[0].resolve():
             checkpoint, self.preload = self.preload[1], None
             return checkpoint
-        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        # also Lightning's own files (the weights ddp_spawn's workers hand back)
+        return load_verified(Path(path), map_location=map_location, weights_only=weights_only)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
@@ -66,7 +73,118 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             log.info(f"not writing {path}: a requeued job resumes from last.ckpt")
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda file: torch.save(checkpoint, file))
+        write_atomic(path, lambda file: write_digested(checkpoint, file))
+
+
+DIGEST_TAG = b"paritylab-sha256:"  # + 64 hex digits: the archive comment of a checkpoint we wrote
+DIGEST_COMMENT = len(DIGEST_TAG) + 64
+END_RECORD = b"PK\x05\x06"  # a zip archive's last 22 bytes start so; their last 2 are the comment's length
+_unchecked_said: set[str] = set()
+
+
+class HashingWriter:
+    """A binary file that hashes what goes through it and keeps its last 22 bytes (torch.save writes in order)."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.hash, self.tail = file, hashlib.sha256(), b""
+        self.error: Optional[OSError] = None  # torch reports a failed write as its own RuntimeError: kept here
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        self.tail = (self.tail + bytes(memoryview(data)[-22:]))[-22:]
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def write_digested(checkpoint: dict, file: BinaryIO) -> None:
+    """torch.save ``checkpoint`` to ``file`` with the SHA-256 of the saved archive as the archive's comment."""
+    writer = HashingWriter(file)
+    try:
+        torch.save(checkpoint, writer)
+    except RuntimeError:
+        if writer.error is not None:
+            raise writer.error from None
+        raise
+    if writer.tail[:4] != END_RECORD or writer.tail[-2:] != b"\0\0":
+        raise RuntimeError("torch.save did not end its archive with a comment-free end record")
+    comment = DIGEST_TAG + writer.hash.hexdigest().encode()
+    file.seek(-2, os.SEEK_END)
+    file.write(len(comment).to_bytes(2, "little") + comment)
+
+
+def digest_matches(data: bytes) -> Optional[bool]:
+    """Whether a checkpoint's bytes match the digest written with them; None where they carry none (written
+    before digests, or not a checkpoint of ours at all: torch then says what it is). A file of ours keeps its
+    digest comment's tag or its end record's comment length through any one flipped bit, so it is never taken
+    for one without a digest."""
+    size = len(data) - DIGEST_COMMENT
+    end, comment = data[max(size - 22, 0):max(size, 0)], data[max(size, 0):]
+    ours_end = size >= 22 and end[:4] == END_RECORD and end[-2:] == DIGEST_COMMENT.to_bytes(2, "little")
+    if not ours_end and not comment.startswith(DIGEST_TAG):
+        return None
+    if not ours_end or not comment.startswith(DIGEST_TAG):
+        return False
+    digest = hashlib.sha256(memoryview(data)[:size - 2])
+    digest.update(b"\0\0")  # as it was hashed: before the comment's length was set
+    return digest.hexdigest().encode() == comment[len(DIGEST_TAG):]
+
+
+RESUME_PARTS = ("epoch", "loops", "optimizer_states", "lr_schedulers", "pytorch-lightning_version")
+
+
+def load_verified(path: Path, key: str = "resume", **load) -> Any:
+    """torch.load (``load``: its options) of the checkpoint at ``path`` once its bytes match the digest written
+    with them; one without a digest loads unchecked, said once. ConfigError naming ``key`` and the file where it
+    cannot be read or is damaged; torch's own errors for a file it cannot load."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot read {path} ({err.strerror})") from None
+    matches = digest_matches(data)
+    if matches is False:
+        raise ConfigError(f"{key}: {path} is damaged (its bytes do not match the digest written with them)")
+    checkpoint = torch.load(io.BytesIO(data), **load)
+    if matches is None and str(path) not in _unchecked_said:
+        _unchecked_said.add(str(path))
+        print(f"warning: {path} carries no digest (written before checkpoints had one): loaded unchecked",
+              file=sys.stderr)
+    return checkpoint
+
+
+def read_checkpoint(path: Path, key: str = "resume") -> dict:
+    """The paritylab checkpoint at ``path``, verified (``load_verified``) and loaded as Lightning would; ConfigError
+    (one line naming ``key`` and the file) where it is damaged, unreadable or not one of ours."""
+    try:
+        checkpoint = load_verified(path, key, map_location="cpu", weights_only=True)
+    except ConfigError:
+        raise
+    except Exception as err:  # torch raises many kinds on a torn or foreign file
+        first = str(err).splitlines()[0] if str(err) else ""
+        why = "not a file torch can load safely" if "weights_only" in str(err) else first
+        raise ConfigError(f"{key}: {path} is not a readable checkpoint ({type(err).__name__}: {why})") from None
+    if not isinstance(checkpoint, dict) or not {"state_dict", "global_step", IDENTITY_KEY} <= checkpoint.keys() \
+            or not isinstance(checkpoint[IDENTITY_KEY], dict):
+        raise ConfigError(f"{key}: {path} is not a paritylab checkpoint (no state_dict, global_step or identity)")
+    return checkpoint
+
+
+def check_resumable(checkpoint: dict, path: Path) -> None:
+    """Refuse (ConfigError) a checkpoint that lacks what Lightning needs to continue training from it, or that
+    another Lightning major version wrote. Its weights may still serve an evaluation."""
+    missing = [part for part in RESUME_PARTS if part not in checkpoint]
+    if missing:
+        raise ConfigError(f"resume: {path} lacks {', '.join(missing)}, which continuing a run needs "
+                          "(its weights still evaluate: eval.py)")
+    version = str(checkpoint["pytorch-lightning_version"])
+    if version.split(".")[0] != L.__version__.split(".")[0]:
+        raise ConfigError(f"resume: {path} was written by Lightning {version}; Lightning {L.__version__} cannot "
+                          "continue it exactly (its weights still evaluate: eval.py)")
 
 
 def run_identity(cfg: Config, task) -> dict:
@@ -78,6 +196,13 @@ def identity_defaults(cfg: Config) -> dict:
     """The task's keys at their defaults. A key added to a task keeps the old behaviour at its default, so a
     checkpoint written before the key existed matches a config that leaves it there."""
     return {f.name: f.default for f in fields(cfg.data) if f.default is not MISSING}
+
+
+def setting_defaults(cfg: Config) -> dict:
+    """Every setting at its schema default (``run_settings``' keys): a setting added to the schema after a
+    checkpoint was written matches that checkpoint at its default, as a task key does (``identity_defaults``)."""
+    return {f"{section.name}.{f.name}": f.default for section in fields(cfg) if is_dataclass(getattr(cfg, section.name))
+            for f in fields(getattr(cfg, section.name)) if f.default is not MISSING}
 
 
 def identity_differences(stored: dict, identity: dict, defaults: Optional[dict] = None) -> list[str]:
@@ -127,7 +252,8 @@ def resume_path(resume: Optional[str], run_dir: Optional[Path]) -> Optional[Path
 
 
 def load_for_resume(path: Path, identity: dict, model: torch.nn.Module, force: bool = False,
-                    settings: Optional[dict] = None, defaults: Optional[dict] = None) -> tuple[dict, list[str]]:
+                    settings: Optional[dict] = None, defaults: Optional[dict] = None,
+                    settings_defaults: Optional[dict] = None) -> tuple[dict, list[str]]:
     """The checkpoint at ``path`` if it can continue this run, and the settings that differ (forced).
 
     Raises ConfigError (one line) for a missing, unreadable or misshapen checkpoint, and, unless ``force``
@@ -138,14 +264,7 @@ def load_for_resume(path: Path, identity: dict, model: torch.nn.Module, force: b
                           "(to continue the run in it: run_dir=<it> resume=auto)")
     if not path.is_file():
         raise ConfigError(f"resume: {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # as Lightning will
-    except Exception as err:  # torch raises many kinds on a torn or foreign file
-        first = str(err).splitlines()[0] if str(err) else ""
-        why = "not a file torch can load safely" if "weights_only" in str(err) else first
-        raise ConfigError(f"resume: {path} is not a readable checkpoint ({type(err).__name__}: {why})") from None
-    if not isinstance(checkpoint, dict) or not {"state_dict", "global_step", IDENTITY_KEY} <= checkpoint.keys():
-        raise ConfigError(f"resume: {path} is not a paritylab checkpoint (no state_dict, global_step or identity)")
+    checkpoint = read_checkpoint(path)
     stored = checkpoint[IDENTITY_KEY]
     differ = [f"{key} {stored.get(key)!r} vs {identity.get(key)!r}"
               for key in identity_differences(stored, identity, defaults)]
@@ -161,7 +280,7 @@ def load_for_resume(path: Path, identity: dict, model: torch.nn.Module, force: b
     changed = []
     if settings is not None and SETTINGS_KEY in checkpoint:
         old = checkpoint[SETTINGS_KEY]
-        changed = [key for key in sorted(old.keys() | settings.keys()) if old.get(key) != settings.get(key)]
+        changed = sorted(identity_differences(old, settings, settings_defaults))
         if changed and not force:
             shown = "; ".join(f"{key} {old.get(key)!r} vs {settings.get(key)!r}" for key in changed[:4])
             more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""

@@ -22,11 +22,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 import datamodules  # noqa: F401  (registers every task's declarations: load_run works on its own)
 import lightning_modules  # noqa: F401  (and every model family's)
-from config import Config, ConfigError, has_key, model_family, schema_for, task_class, validate
-from runtime.checkpointing import (IDENTITY_KEY, SETTINGS_KEY, identity_defaults, identity_differences, run_identity,
-                                  run_settings)
+from config import Config, ConfigError, from_dotlist, has_key, model_family, schema_for, task_class, validate
+from runtime.checkpointing import (IDENTITY_KEY, SETTINGS_KEY, identity_defaults, identity_differences,
+                                   read_checkpoint, run_identity, run_settings, setting_defaults)
 from runtime.memory import check_memory
-from runtime.run_dirs import write_atomic
+from runtime.run_dirs import RunDirLock, write_atomic
 
 # How and on how many held-out samples a run is evaluated (all of them run options, runtime/checkpointing.py).
 EVAL_OPTIONS = ("eval.size", "kernels.backend", "kernels.compile", "trainer.accelerator", "trainer.devices",
@@ -65,14 +65,14 @@ def run_config(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Config, di
             saved.get(section, {}).pop(name, None)
         cfg = OmegaConf.merge(OmegaConf.structured(schema_for(saved)), saved)
         own: Config = OmegaConf.to_object(cfg)
-    except (OmegaConfBaseException, yaml.YAMLError) as err:
+    except (OmegaConfBaseException, yaml.YAMLError, UnicodeDecodeError, OSError) as err:
         why = str(err).splitlines()[0].strip()
         raise ConfigError(f"run_dir: {path} is not a readable run config ({why})") from None
     for key in keys:
         if not has_key(cfg, key):
             raise ConfigError(f"{key}: does not apply to model {model_family(own.model).key}")
     try:
-        config: Config = OmegaConf.to_object(OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides))))
+        config: Config = OmegaConf.to_object(OmegaConf.merge(cfg, from_dotlist(list(overrides))))
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         raise ConfigError(f"{key + ': ' if key else ''}{str(err).splitlines()[0].strip()}") from None
@@ -110,19 +110,14 @@ def restore(run_dir: Path, cfg: Config) -> tuple[L.LightningDataModule, L.Lightn
         raise ConfigError(f"run_dir: {run_dir} holds no checkpoints/last.ckpt")
     device = eval_device(cfg)
     task, module = build(cfg)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many kinds on a torn or foreign file
-        raise ConfigError(f"run_dir: {path} is not a readable checkpoint ({type(err).__name__})") from None
-    if not isinstance(checkpoint, dict) or not {"state_dict", "global_step", IDENTITY_KEY} <= checkpoint.keys() \
-            or not isinstance(checkpoint[IDENTITY_KEY], dict):
-        raise ConfigError(f"run_dir: {path} is not a paritylab checkpoint (no state_dict, global_step or identity)")
+    checkpoint = read_checkpoint(path, key="run_dir")
     expected = {"identity": (checkpoint[IDENTITY_KEY], run_identity(cfg, task)),
                 "settings": (checkpoint.get(SETTINGS_KEY, run_settings(cfg)), run_settings(cfg)),
                 "shapes": ({name: tuple(t.shape) for name, t in checkpoint["state_dict"].items()},
                            {name: tuple(t.shape) for name, t in module.state_dict().items()})}
     for what, (stored, built) in expected.items():
-        differ = identity_differences(stored, built, identity_defaults(cfg) if what == "identity" else None)
+        defaults = {"identity": identity_defaults(cfg), "settings": setting_defaults(cfg)}.get(what)
+        differ = identity_differences(stored, built, defaults)
         if differ:
             key = differ[0]
             raise ConfigError(f"run_dir: {path} does not match {run_dir / 'config.yaml'} ({what}: {key} "
@@ -156,6 +151,12 @@ def evaluate_run(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Path, di
     Uses trainer.cpu_threads torch threads, as training did."""
     cfg, changed = run_config(run_dir, overrides)
     check_memory(cfg)
+    with RunDirLock(run_dir):  # no run trains here meanwhile, and no other evaluation writes
+        return record_evaluation(run_dir, cfg, changed)
+
+
+def record_evaluation(run_dir: Path, cfg: Config, changed: dict[str, Any]) -> tuple[Path, dict, bool]:
+    """Measure the run and write its record, unless the file already holds it (evaluate_run, under the lock)."""
     path = run_dir / eval_name(changed)
     if cfg.trainer.cpu_threads:
         torch.set_num_threads(cfg.trainer.cpu_threads)

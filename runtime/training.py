@@ -25,13 +25,14 @@ from lightning_modules import stopping
 from lightning_modules.lightning_adapter import set_default_root_dir
 from runtime.callbacks import StepProgressBar, StopOnSignal, Throughput, stopped_by
 from runtime.checkpointing import (KILL_AT_STEP_ENV, AtomicCheckpointIO, KillAtStep, ResumeState, adopt_settings,
-                                   identity_defaults, load_for_resume, resume_path, run_identity, run_settings,
-                                   tensorboard_resume_step)
+                                   check_resumable, identity_defaults, load_for_resume, resume_path, run_identity,
+                                   run_settings, setting_defaults, tensorboard_resume_step)
 from runtime.experiment import build
 from runtime.launch import (RankAgreement, check_cluster, check_devices, cluster_plugins, run_digest,
                             shared_run_dir)
 from runtime.memory import check_memory
-from runtime.run_dirs import RUN_DIR_ENV, check_free, check_place, claim, make_run_dir, write_atomic
+from runtime.run_dirs import (RUN_DIR_ENV, check_free, check_place, claim, make_run_dir, storage_error,
+                              write_atomic)
 
 
 class Plan(NamedTuple):
@@ -79,8 +80,13 @@ def plan_run(cfg: Config, trainer: L.Trainer, dm: L.LightningDataModule, model: 
     resume = resume_path(cfg.resume, run_dir)
     identity, settings = run_identity(cfg, dm), run_settings(cfg)
     checkpoint, changed = (load_for_resume(resume, identity, model, cfg.resume_force, settings,  # every rank
-                                           identity_defaults(cfg))
+                                           identity_defaults(cfg), setting_defaults(cfg))
                            if resume else (None, []))
+    if checkpoint is not None:
+        check_resumable(checkpoint, resume)
+    if checkpoint is not None and checkpoint["global_step"] > cfg.trainer.max_steps:
+        raise ConfigError(f"trainer.max_steps: {cfg.trainer.max_steps} is below step {checkpoint['global_step']} "
+                          f"of {resume}, which this run continues")
     if changed:  # forced: a checkpoint of another run continues in a fresh directory, never in that run's
         run_dir = shared_run_dir(cfg, trainer, adopt_checkpoint_home=False)
     if run_dir is not None:
@@ -111,6 +117,19 @@ def train(cfg: Config) -> int:
         return 0
     if stopping.requested():
         return interrupted(stopping.received(), None, 0)
+    try:
+        return fit(cfg, plan, trainer, dm, model)
+    except Exception as err:
+        failure = storage_error(err, Path(os.environ.get(RUN_DIR_ENV) or plan.run_dir or "runs"))
+        if failure is None:  # not a write that failed: a bug, a traceback
+            raise
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        return refuse(f"{failure}; checkpoints written before it are intact (resume=auto continues)")
+
+
+def fit(cfg: Config, plan: Plan, trainer: L.Trainer, dm: L.LightningDataModule, model: L.LightningModule) -> int:
+    """Take the run directory (rank 0), fit and write the summary: the exit status."""
     run_dir, lock = plan.run_dir, None
     if trainer.is_global_zero:  # only rank 0 writes to the run directory
         try:

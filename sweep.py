@@ -14,20 +14,25 @@ and median solved_step; per k: the log-log exponent of the median against n with
 alpha = exponent / k) and DIR/scaling.png, and prints a table of the cells.
 
 A cell finishes only if its train.py exits 0 and leaves a readable summary.json; any other exit (a
-status, or a signal that killed it) is reported with its train.log, and the other cells' results are
-still written (the status is then 1; with no finished cell, no results are written). SIGTERM or SIGINT
-to the sweep is passed on to the running cells (each runs in its own session, so it gets the signal
-once), which save a checkpoint and stop; no new cell starts, the finished cells' results are written,
-and the sweep exits with 128 + the signal.
+status, or a signal that killed it) is reported with its train.log (appended to, never truncated), and
+the other cells' results are still written, atomically (the status is then 1; with no finished cell, no
+results are written). SIGTERM, SIGINT or SIGHUP to the sweep is passed on to the running cells (each runs
+in its own session, so it gets the signal once), which save a checkpoint and stop; no new cell starts, the
+finished cells' results are written, and the sweep exits with 128 + the signal. A sweep killed outright
+(SIGKILL) takes its cells with it: the kernel sends each SIGTERM. The sweep holds DIR while it runs: a
+second sweep on it is refused. With --jobs J on a node with several GPUs, each running cell gets
+trainer.devices GPUs of its own (CUDA_VISIBLE_DEVICES).
 
 Unsolved members are censored at the budget (trainer.max_steps): they count as +inf in medians,
 so a cell whose median is censored is reported and left out of the fit, never silently dropped.
 """
 import argparse
 import csv
+import io
 import itertools
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -37,10 +42,12 @@ import numpy as np
 
 import datamodules  # noqa: F401  (registers every task's declarations)
 import lightning_modules  # noqa: F401  (and every model family's)
-from config import ConfigError, task_class
+from config import ConfigError, requested_world_size, task_class
 from metrics.scaling import clopper_pearson, fits, member_steps
 from metrics.scaling_plots import plot
 from runtime.cells import Cell, Outcome, Runner, make_cell, run_all, signal_name
+from runtime.console import guard_streams
+from runtime.run_dirs import RunDirLock, StorageError, write_atomic
 from runtime.slurm import write_slurm
 
 
@@ -173,44 +180,78 @@ def cell_table(table: list[dict]) -> str:
 
 
 def write_results(finished: list[Outcome], grid: dict[str, list[str]], out: Path, extra: dict) -> dict:
+    """results.csv, results.json and scaling.png, each written atomically (a reader never sees half of one)."""
     rows, table = summarize(finished)
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)), restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(key for row in rows for key in row)), restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(out / "results.csv", text.getvalue())
     fitted = fits(table, grid)
-    plot(table, fitted, grid, out / "scaling.png")
+    write_atomic(out / "scaling.png", lambda file: plot(table, fitted, grid, file))
     results = {"grid": grid, **extra, "cells": [{k: v for k, v in c.items() if k != "_steps"} for c in table],
                "fits": fitted}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results
 
 
-def prepare_out(out: Path) -> None:
-    """Make DIR/runs and check that files can be written there; SweepError (one line) if not."""
+def prepare_out(out: Path) -> RunDirLock:
+    """Make DIR/runs, check that files can be written there and lock DIR for this sweep (a second sweep on it is
+    refused while this one lives); SweepError (one line) if not."""
     try:
         (out / "runs").mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out / "runs"):
             pass
     except OSError as err:
         raise SweepError(f"--out {out}: cannot write there ({err.strerror or err})") from None
+    try:
+        return RunDirLock(out, pid_file=".sweep.lock", key="--out", holder="sweep")
+    except ConfigError as err:
+        raise SweepError(str(err)) from None
+
+
+def assigned_gpus(cells: list[Cell], jobs: int) -> tuple[tuple[str, ...], int]:
+    """The GPUs to share among ``jobs`` cells running at once (each its own), and how many each takes: none
+    where one cell runs at a time, the cells train on the CPU or this node has fewer than two GPUs."""
+    import torch
+    on_gpu = [c for c in cells if c.cfg.trainer.accelerator != "cpu"]
+    if jobs == 1 or not on_gpu or not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return (), 1
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = tuple(visible.split(",")) if visible else tuple(str(i) for i in range(torch.cuda.device_count()))
+    per_cell = max(requested_world_size(c.cfg) or 1 for c in on_gpu)
+    if any(isinstance(c.cfg.trainer.devices, list) for c in on_gpu):
+        raise SweepError("trainer.devices: with --jobs > 1 each cell gets its own GPUs; give a count, not ids")
+    if jobs * per_cell > len(gpus):
+        raise SweepError(f"--jobs {jobs}: {jobs} cells of {per_cell} GPU(s) each need {jobs * per_cell} GPUs; "
+                         f"this node has {len(gpus)}")
+    return gpus, per_cell
 
 
 def main(argv: list[str]) -> int:
+    guard_streams()
     try:
         args, grid, linked = parse(argv)
         cells = make_cells(args.overrides, grid, linked, args.out, machine=not args.slurm)
-        prepare_out(args.out)
+        gpus, per_cell = assigned_gpus(cells, args.jobs or 1) if not args.slurm else ((), 1)
+        lock = prepare_out(args.out)
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    with lock:  # no second sweep writes into DIR while this one runs
+        return run_sweep(args, grid, linked, cells, gpus, per_cell)
+
+
+def run_sweep(args: argparse.Namespace, grid: dict[str, list[str]], linked: dict[str, tuple[str, list[str]]],
+              cells: list[Cell], gpus: tuple[str, ...], per_cell: int) -> int:
+    """Write the SLURM array job, or run the cells and write the results: the exit status."""
     if args.slurm:
         script = write_slurm(cells, args.out, args.jobs)
         print(f"wrote {script} ({len(cells)} array tasks): sbatch {script}; afterwards rerun this command "
               "without --slurm to collect (finished cells are reused)")
         return 0
     start = time.perf_counter()
-    with Runner().handling_signals() as runner:
+    with Runner(gpus, per_cell).handling_signals() as runner:
         outcomes = run_all(cells, args.jobs or 1, runner)
     finished = [o for o in outcomes if o.summary is not None]
     failed = [o.cell.name for o in outcomes if o.summary is None and o.status is not None]
@@ -220,7 +261,11 @@ def main(argv: list[str]) -> int:
         extra = {"linked": {k: dict(zip(grid[axis], items)) for k, (axis, items) in linked.items()},
                  "overrides": args.overrides, "failed": failed, "not_run": not_run, "jobs": args.jobs or 1,
                  "wall_s": wall}  # of this invocation: reused cells cost nothing here
-        results = write_results(finished, grid, args.out, extra)
+        try:
+            results = write_results(finished, grid, args.out, extra)
+        except StorageError as err:
+            print(f"error: {err}; the cells' own results stay in {args.out / 'runs'}", file=sys.stderr)
+            return 2
         print(cell_table(results["cells"]))
         for fit in results["fits"]:
             if fit["exponent"] is not None:

@@ -1,6 +1,7 @@
 """The figure of a grid of runs: median solved_step against n with its fits, or success probability."""
 import itertools
 from pathlib import Path
+from typing import BinaryIO, Union
 
 import numpy as np
 
@@ -42,7 +43,7 @@ def plot_success(ax, table: list[dict], grid: dict[str, list[str]]) -> None:
     ax.set_xticks(list(position.values()), list(position))
 
 
-def plot(table: list[dict], fitted: list[dict], grid: dict[str, list[str]], path: Path) -> None:
+def plot(table: list[dict], fitted: list[dict], grid: dict[str, list[str]], path: Union[Path, BinaryIO]) -> None:
     """The scaling figure where there are fits, else success probability, saved to ``path``."""
     import matplotlib
     matplotlib.use("Agg")
@@ -54,5 +55,5 @@ def plot(table: list[dict], fitted: list[dict], grid: dict[str, list[str]], path
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)

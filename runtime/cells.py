@@ -1,11 +1,16 @@
 """Cells: train.py runs whose configs are composed before any runs, each reused where it already finished.
 
 A cell finishes only if its train.py exits 0 and leaves a readable summary.json. Each runs in its own
-session, so a SIGTERM or SIGINT reaches it once: from the Runner, which passes its own signals on and
-starts no more cells (the stopped cells save a checkpoint; resume=auto continues them).
+session, so a SIGTERM, SIGINT or SIGHUP reaches it once: from the Runner, which passes its own signals on and
+starts no more cells (the stopped cells save a checkpoint; resume=auto continues them). A cell never outlives
+the process that started it: the kernel sends it SIGTERM when that process dies, SIGKILL included. Its output
+is appended to its train.log, never truncated. Given GPUs, each running cell gets its own
+(CUDA_VISIBLE_DEVICES).
 """
 import contextlib
+import ctypes
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -19,10 +24,23 @@ from typing import Iterator, Optional
 import datamodules  # noqa: F401  (registers every task's declarations: a cell's config is composed here)
 import lightning_modules  # noqa: F401  (and every model family's)
 from config import Config, compose, to_yaml
+from lightning_modules import stopping
 from metrics.scaling import final_key
 from runtime.memory import check_memory, footprint
 
 ROOT = Path(__file__).resolve().parents[1]
+LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: a forked child only calls into it
+PR_SET_PDEATHSIG = 1
+
+
+def dies_with(parent: int):
+    """A preexec function: the child gets SIGTERM when ``parent`` (the thread that forks it) dies, or at once if
+    it already has."""
+    def arm() -> None:
+        LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return arm
 
 
 @dataclass
@@ -106,10 +124,11 @@ def signal_name(number: int) -> str:
 class Runner:
     """Runs cells as train.py subprocesses, each in its own session, so that a signal reaches it once: from here."""
 
-    def __init__(self) -> None:
+    def __init__(self, gpus: tuple[str, ...] = (), per_cell: int = 1) -> None:
         self.lock = threading.Lock()
         self.running: set[subprocess.Popen] = set()
         self.stopped: Optional[int] = None  # the signal that stopped the runner
+        self.free_gpus, self.per_cell = list(gpus), per_cell  # GPU ids no running cell holds (none: not assigned)
 
     def stop(self, signum: int, frame=None) -> None:
         """Signal handler: start no more cells and pass the signal on to the running ones."""
@@ -120,8 +139,8 @@ class Runner:
 
     @contextlib.contextmanager
     def handling_signals(self) -> Iterator["Runner"]:
-        """Within: SIGTERM and SIGINT to this process stop the runner (see stop); the old handlers after."""
-        handlers = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        """Within: SIGTERM, SIGINT and SIGHUP to this process stop the runner (see stop); the old handlers after."""
+        handlers = {sig: signal.signal(sig, self.stop) for sig in stopping.SIGNALS}
         try:
             yield self
         finally:
@@ -140,13 +159,19 @@ class Runner:
             if self.stopped is not None:
                 return Outcome(cell, problem="not run")
             cell.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(cell.run_dir / "train.log", "w") as log:
-                proc = subprocess.Popen(train_command(cell), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+            gpus = [self.free_gpus.pop() for _ in range(self.per_cell)] if self.free_gpus else []
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else None
+            with open(cell.run_dir / "train.log", "a") as log:
+                log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} sweep pid {os.getpid()}: "
+                          f"{' '.join(train_command(cell)[1:])}\n")
+                log.flush()
+                proc = subprocess.Popen(train_command(cell), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True, preexec_fn=dies_with(os.getpid()))
             self.running.add(proc)
         status = proc.wait()
         with self.lock:
             self.running.discard(proc)
+            self.free_gpus += gpus
         wall = time.perf_counter() - start
         if status != 0:
             return Outcome(cell, status=status, wall=wall, problem=describe(status))

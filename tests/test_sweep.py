@@ -1,5 +1,6 @@
 """sweep.py end to end: bad input, SLURM array, censoring, the fit, failing and stopped cells."""
 import csv
+import itertools
 import json
 import os
 import shlex
@@ -335,3 +336,36 @@ def test_a_sweep_stopped_by_sigterm_continues_its_cell_from_the_checkpoint(tmp_p
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert json.loads((cell / "summary.json").read_text())["steps"] == 300
     assert [r["cell"] for r in json.loads((out / "results.json").read_text())["cells"]] == ["data.n=40"]
+
+
+GPU_TRAIN = """
+import os, sys, time
+from pathlib import Path
+run_dir = Path(dict(a.split("=", 1) for a in sys.argv[1:])["run_dir"])
+(run_dir / "gpus").write_text(os.environ.get("CUDA_VISIBLE_DEVICES", "none") + " " + str(time.monotonic()))
+time.sleep(1.0)
+(run_dir / "gpus").write_text((run_dir / "gpus").read_text() + " " + str(time.monotonic()))
+"""
+
+
+def test_cells_running_at_once_get_gpus_of_their_own(tmp_path, monkeypatch):
+    import runtime.cells
+    script = tmp_path / "gpu_train.py"
+    script.write_text(GPU_TRAIN)
+    monkeypatch.setattr(runtime.cells, "train_command", lambda cell: [sys.executable, str(script), *cell.args])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    cells = sweep_py.make_cells(["experiment=parity_mlp", "trainer.devices=2"], {"data.n": ["30", "31", "32"]}, {},
+                                tmp_path / "sweep", machine=False)
+    with pytest.raises(sweep_py.SweepError, match="--jobs 3: 3 cells of 2 GPU"):
+        sweep_py.assigned_gpus(cells, 3)
+    gpus, per_cell = sweep_py.assigned_gpus(cells, 2)
+    assert (gpus, per_cell) == (("0", "1", "2", "3"), 2)
+    runtime.cells.run_all(cells, 2, runtime.cells.Runner(gpus, per_cell))
+    seen = [(cell.run_dir / "gpus").read_text().split() for cell in cells]
+    assert all(len(ids.split(",")) == 2 for ids, _, _ in seen), seen
+    overlapping = [(ids, other) for (ids, start, end), (other, other_start, other_end) in itertools.combinations(seen, 2)
+                   if float(start) < float(other_end) and float(other_start) < float(end)]
+    assert overlapping, seen  # two cells ran at once ...
+    assert all(not set(ids.split(",")) & set(other.split(",")) for ids, other in overlapping), seen  # ... on own GPUs

@@ -27,13 +27,12 @@ per pair of samples or less).
 The program is compiled once per device into one set of index tensors per level and evaluated level by level
 on the whole batch.
 """
-import hashlib
 from typing import NamedTuple
 
 import torch
 
 from config import ConfigError
-from datamodules.circuit_config import SEPARATOR, SPLIT_BITS, CircuitProblem, Program, locate, program
+from datamodules.circuit_config import SEPARATOR, SPLIT_BITS, CircuitProblem, Program, program
 from datamodules.stream import is_eval_stream
 from datamodules.task import Task
 from kernels.philox import MASK32, philox4x32, split_seed
@@ -154,11 +153,6 @@ class CircuitTask(CircuitProblem, Task):
         values = self.values(bits)
         completion = values if self.cfg.data.chain == "gates" else values[:, -len(self.plan.outputs):]
         return torch.cat([bits, torch.full((count, 1), SEPARATOR, dtype=torch.int64, device=device), completion], 1)
-
-    def identity(self) -> dict:
-        """The keys, and the netlist file's digest: a resumed run must find the circuit it was trained on."""
-        return {**super().identity(), "netlist_sha256": hashlib.sha256(locate(self.cfg.data.netlist).read_bytes())
-                .hexdigest()}
 
     def summary_fields(self) -> dict:
         p = self.plan

@@ -6,8 +6,9 @@
 One ``python train.py experiment=circuit_gates data.netlist=NAME data.chain=CHAIN model.kind=KIND
 trainer.max_steps=BUDGET`` per (circuit, kind, chain); ``NAME:OUTPUT`` keeps one output's fan-in cone
 (c6288:N6123 is product bit 15). A run stops when its greedy answer (all chosen outputs) is exact on every
-held-out input. Beside each circuit, the best trivial predictor: each output its best constant or copied input
-bit (chosen on 4096 training samples), scored by exact match of all outputs on the held-out set; and each run's
+held-out input. Beside each circuit, the best trivial predictor: each output its best constant, copied input bit
+or complemented input bit (chosen on 4096 training samples; c1355's outputs are complements where c499's are
+copies), scored by exact match of all outputs on the held-out set; and each run's
 exact match on the held-out inputs where that predictor is wrong (a circuit counts as learned only there).
 Writes DIR/circuits.csv (one row per run), DIR/circuits.md and DIR/circuits.png; runs live in DIR/runs/ (sweep.py's
 cells: a finished run is reused, a stopped one continues when the command is given again).
@@ -61,13 +62,13 @@ def run_cell(circuit: str, kind: str, chain: str, args: argparse.Namespace, out:
 
 
 def trivial_right(dm, held: torch.Tensor) -> torch.Tensor:
-    """Whether the best trivial predictor (per output: a constant or a copied input bit, chosen on training
-    samples) gets all outputs of each held-out sequence (N, seq_len) right."""
+    """Whether the best trivial predictor (per output: a constant, a copied or a complemented input bit, chosen
+    on training samples) gets all outputs of each held-out sequence (N, seq_len) right."""
     n, m = len(dm.plan.inputs), dm.answer_len
     rules = lambda tokens: torch.cat([torch.zeros_like(tokens[:, :1]), torch.ones_like(tokens[:, :1]),
-                                      tokens[:, :n]], 1)  # (N, 2 + n) candidate predictions
+                                      tokens[:, :n], 1 - tokens[:, :n]], 1)  # (N, 2 + 2n) candidate predictions
     seen = dm.sample(0, 4096, 0, held.device)
-    hits = (rules(seen)[:, :, None] == seen[:, None, -m:]).float().mean(0)  # (2 + n, m)
+    hits = (rules(seen)[:, :, None] == seen[:, None, -m:]).float().mean(0)  # (2 + 2n, m)
     best = hits.argmax(0)
     return (rules(held)[:, best] == held[:, -m:]).all(1)
 

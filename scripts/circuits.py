@@ -96,7 +96,7 @@ def table(rows: list[dict]) -> str:
 
 
 def figure(rows: list[dict], args: argparse.Namespace) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(8, 5))
     circuits = list(dict.fromkeys(r["circuit"] for r in rows))
     series = [(k, c) for k in args.kinds for c in args.chains]
     width = 0.8 / max(1, len(series))
@@ -114,7 +114,7 @@ def figure(rows: list[dict], args: argparse.Namespace) -> plt.Figure:
     ax.set(xticks=range(len(circuits)), ylabel="held-out exact match, all outputs", ylim=(0, 1.05),
            title=f"benchmark circuits, {args.budget} steps at most")
     ax.set_xticklabels(circuits, rotation=20)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     fig.tight_layout()
     return fig
 

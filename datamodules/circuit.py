@@ -82,17 +82,17 @@ def evaluate(compiled: list[Level], inputs: torch.Tensor, units: int) -> torch.T
     return values[inputs.shape[1]:].T.to(torch.int64)
 
 
-def pattern_words(bits: torch.Tensor) -> torch.Tensor:
-    """Input bits (..., n <= 32) as one integer per pattern, input i as bit i."""
-    return (bits << torch.arange(bits.shape[-1], dtype=torch.int64, device=bits.device)).sum(-1)
-
-
-def held_out(seed: int, bits: torch.Tensor) -> torch.Tensor:
-    """Whether each input pattern (..., n <= SPLIT_BITS) is in the held-out quarter."""
+def held_out(seed: int, patterns: torch.Tensor) -> torch.Tensor:
+    """Whether each input pattern (int64, input i as bit i; n <= SPLIT_BITS) is in the held-out quarter."""
     key0, key1 = split_seed(seed)
-    p = pattern_words(bits)
-    word = philox4x32(p, torch.zeros_like(p), torch.zeros_like(p), torch.full_like(p, SPLIT_STREAM), key0, key1)[0]
+    zero = torch.zeros_like(patterns)
+    word = philox4x32(patterns, zero, zero, torch.full_like(patterns, SPLIT_STREAM), key0, key1)[0]
     return (word >> 30) == 3
+
+
+def pattern_of(bits: torch.Tensor) -> torch.Tensor:
+    """Input bits (..., n <= SPLIT_BITS) as one integer per pattern, input i as bit i."""
+    return (bits << torch.arange(bits.shape[-1], dtype=torch.int64, device=bits.device)).sum(-1)
 
 
 def input_bits(seed: int, start: int, count: int, stream: int, n: int, device: torch.device) -> torch.Tensor:
@@ -115,7 +115,7 @@ def input_bits(seed: int, start: int, count: int, stream: int, n: int, device: t
         if not split:
             out[pending] = bits[:, 0]
             break
-        fits = held_out(seed, bits) == is_eval_stream(stream)
+        fits = held_out(seed, pattern_of(bits)) == is_eval_stream(stream)
         found = fits.any(1)
         chosen = bits[torch.arange(pending.numel(), device=device), fits.to(torch.int8).argmax(1)]
         out[pending[found]] = chosen[found]
@@ -131,8 +131,7 @@ class CircuitTask(CircuitProblem, Task):
         self._levels: dict[torch.device, list[Level]] = {}
         n = len(self.plan.inputs)
         if n <= SPLIT_BITS:
-            everything = (torch.arange(2 ** n)[:, None] >> torch.arange(n)) & 1
-            share = int(held_out(cfg.seed, everything).sum())
+            share = int(held_out(cfg.seed, torch.arange(2 ** n)).sum())
             if share in (0, 2 ** n):
                 raise ConfigError(f"seed: with seed {cfg.seed} {'no' if share == 0 else 'every'} input pattern of "
                                   f"{cfg.data.netlist} is held out; choose another seed")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from config import ConfigError, compose
-from datamodules.circuit import CircuitTask, evaluate, held_out, levels
+from datamodules.circuit import CircuitTask, evaluate, held_out, levels, pattern_of
 from datamodules.circuit_config import CircuitConfig, natural, program
 from runtime.memory import check_memory
 from tests.conftest import at_once, one_error_line, train, train_all
@@ -117,7 +117,8 @@ def test_stream_rule_and_held_out_split():
     batch = task.sample(40, 16, 0, CPU)
     assert all(torch.equal(batch[i], task.sample(40 + i, 1, 0, CPU)[0]) for i in range(16))
     train_bits, eval_bits = task.sample(0, 512, 0, CPU)[:, :5], task.sample(0, 512, 1, CPU)[:, :5]
-    assert not held_out(0, train_bits).any() and held_out(0, eval_bits).all()
+    assert not held_out(0, pattern_of(train_bits)).any() and held_out(0, pattern_of(eval_bits)).all()
+    assert 0.24 < held_out(0, torch.arange(2**20)).float().mean() < 0.26  # a quarter of the patterns
     big = CircuitTask(compose(["experiment=circuit_nocot", "data.netlist=c432"]))  # 36 inputs: not split
     assert not torch.equal(big.sample(0, 8, 0, CPU), big.sample(0, 8, 1, CPU))
     assert 0.4 < big.sample(0, 256, 0, CPU)[:, :36].float().mean() < 0.6

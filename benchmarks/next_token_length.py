@@ -79,7 +79,8 @@ def main(argv: list[str]) -> int:
         print(json.dumps(one(*args.one, args.batch, args.steps, args.overrides)))
         return 0
     rows = []
-    print("| case | kind | T | parameters | step (s) | peak memory growth (MiB) | estimate (MiB) |\n|---|---|---|---|---|---|---|")
+    print("| case | kind | T | parameters | step (s) | peak memory growth (MiB) | estimate (MiB) |\n"
+          "|---|---|---|---|---|---|---|")
     for case in args.cases:
         for kind in args.kinds:
             done = subprocess.run([sys.executable, "-m", "benchmarks.next_token_length", "--one", case, kind,

@@ -114,8 +114,9 @@ def structure(path: Path, circuit) -> tuple[list[str], dict[str, tuple[str, list
     sequential, cyclic and undriven circuits."""
     types = {node: circuit.type(node) for node in circuit.nodes()}
     if circuit.blackboxes or any(t in ("bb_input", "bb_output") for t in types.values()):
-        raise ConfigError(f"data.netlist: {path}: holds flip-flops or other black boxes ({', '.join(circuit.blackboxes)}): "
-                          f"a sequential circuit; only combinational circuits are supported")
+        boxes = ", ".join(circuit.blackboxes)
+        raise ConfigError(f"data.netlist: {path}: holds flip-flops or other black boxes ({boxes}): a sequential "
+                          f"circuit; only combinational circuits are supported")
     for node, kind in types.items():
         need(kind in GATES or kind == "input", "data.netlist", f"{path}: net {node} has gate type {kind!r}, which has "
              "no 0/1 value")

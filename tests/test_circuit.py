@@ -164,7 +164,8 @@ BAD = {
     "sequential.v": ("module sequential(clk, a, q);\n  input clk, a;\n  output q;\n  wire n;\n  nand g0 (n, a, q);\n"
                      "  ff f0 (.CK(clk), .D(n), .Q(q));\nendmodule\n", "holds flip-flops"),
     "cycle.bench": ("INPUT(a)\nOUTPUT(q)\nn = NAND(a, q)\nq = AND(n, a)\n", "a combinational cycle through"),
-    "unknown.bench": ("INPUT(a)\nINPUT(b)\nOUTPUT(q)\nn = MUX(a, b)\nq = AND(n, b)\n", "line 4: unknown gate type 'MUX'"),
+    "unknown.bench": ("INPUT(a)\nINPUT(b)\nOUTPUT(q)\nn = MUX(a, b)\nq = AND(n, b)\n",
+                      "line 4: unknown gate type 'MUX'"),
     "unknown.v": ("module unknown(a, b, q);\n  input a, b;\n  output q;\n  wire n;\n  mux2 g0 (n, a, b);\n"
                   "  and g1 (q, n, b);\nendmodule\n", "unknown gate type 'mux2'"),
     "garbage.v": ("\x00\x01 not verilog", "not a gate-level netlist"),

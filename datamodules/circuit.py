@@ -10,7 +10,8 @@ separator. ``data.chain`` picks the completion:
   XNOR of two values as AND, OR and [OR - AND >= 1] (XNOR: [AND - OR >= 0]), as parity's ``gates`` chain writes
   it, a wider one as a chain of two-input ones.
 
-Example, c17 (six NANDs; inputs N1 N2 N3 N6 N7, outputs N22 N23), inputs 1 0 1 1 0::
+Example, c17 (six NANDs; inputs N1 N2 N3 N6 N7, outputs N22 N23), inputs 1 0 1 1 0 (``|``: the separator,
+token 2)::
 
     none:   1 0 1 1 0 | 1 0
     gates:  1 0 1 1 0 | 0 0 1 1 1 0 1 0        (N10 N11 N16 N19 N22 N23, then N22 N23 again)

@@ -101,6 +101,12 @@ def test_every_gates_token_is_the_threshold_of_the_tokens_it_names(netlist):
     assert any(u.name.endswith(".or1") for u in units)  # both have XORs: AND, OR, [OR - AND >= 1]
 
 
+def test_docstring_example():
+    task = CircuitTask(compose(["experiment=circuit_gates"]))
+    assert task.values(torch.tensor([[1, 0, 1, 1, 0]])).tolist() == [[0, 0, 1, 1, 1, 0, 1, 0]]
+    assert [u.name for u in task.plan.units[:6]] == ["N10", "N11", "N16", "N19", "N22", "N23"]
+
+
 def test_outputs_choose_the_cone_and_layout():
     full = compose(["experiment=circuit_gates"])
     one = compose(["experiment=circuit_gates", "data.outputs=[N22]"])

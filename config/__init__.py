@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -170,7 +171,7 @@ def compose(args: list[str]) -> Config:
         groups = {**base.pop("defaults", {}), **groups}
         presets = [("configs/train.yaml", base)]
         presets += [(f"configs/{group}/{groups[group]}.yaml", _preset(group, groups[group])) for group in GROUPS[::-1]]
-        given = OmegaConf.from_dotlist(dotlist)
+        given = _from_dotlist(dotlist)
         raw = OmegaConf.merge(*(layer for _, layer in presets), given)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
@@ -315,6 +316,22 @@ def validate(cfg: Config, world_size: Optional[int] = None, given: set[str] = fr
                            ("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps)):
             need(every % t.steps_per_batch == 0, "trainer.steps_per_batch",
                  f"{t.steps_per_batch} must divide {key} ({every})")
+
+
+def _from_dotlist(dotlist: list[str]) -> DictConfig:
+    """OmegaConf.from_dotlist; a value YAML cannot read (``[E[0]]``) is refused naming its key."""
+    try:
+        return OmegaConf.from_dotlist(dotlist)
+    except yaml.YAMLError:
+        for arg in dotlist:
+            key, _, value = arg.partition("=")
+            try:
+                yaml.safe_load(value)
+            except yaml.YAMLError as err:
+                problem = getattr(err, "problem", None) or type(err).__name__
+                raise ConfigError(f"{key}: {value!r} is no YAML value ({problem}); quote what holds brackets or "
+                                  f"commas, e.g. {key}=['a[0]']") from None
+        raise
 
 
 def need(ok: bool, key: str, problem: str) -> None:

@@ -190,6 +190,7 @@ def test_bad_netlists_are_refused_in_one_line(tmp_path):
                                                                   "a readable .v or .bench file")
     cases["output"] = ("data.outputs=[N22,N99]", "data.outputs: N99 not among the primary outputs of c17")
     cases["chain"] = ("data.chain=tree", "data.chain: 'tree' is not one of none, gates")
+    cases["brackets"] = ("data.outputs=[E[0]]", "data.outputs: '[E[0]]' is no YAML value")  # quoted: ['E[0]']
     done = at_once({name: lambda arg=arg: train(tmp_path, "experiment=circuit_gates", arg, f"run_dir={tmp_path / 'r'}",
                                                 *RUN) for name, (arg, _) in cases.items()})
     for name, (_, line) in cases.items():

@@ -204,7 +204,7 @@ def compose(args: list[str]) -> Config:
 def from_dotlist(dotlist: list[str]) -> DictConfig:
     """The command line's ``key=value`` overrides. Refused, naming the key: an empty value (most often a shell
     variable that was not set; ``key=null`` means none) and one YAML cannot read as plain data (a ``!!python/...``
-    tag: nothing of it runs, the safe loader refuses it)."""
+    tag: nothing of it runs, the safe loader refuses it; an unquoted ``[E[0]]``)."""
     given = OmegaConf.create()
     for arg in dotlist:
         key, _, value = arg.partition("=")
@@ -213,7 +213,10 @@ def from_dotlist(dotlist: list[str]) -> DictConfig:
         try:
             given.merge_with_dotlist([arg])
         except yaml.YAMLError as err:
-            raise ConfigError(f"{key}: {value!r} is not a plain value ({str(err).splitlines()[0]})") from None
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            hint = "" if isinstance(err, yaml.constructor.ConstructorError) else \
+                f"; quote a value that holds brackets or commas, e.g. {key}=['a[0]']"
+            raise ConfigError(f"{key}: {value!r} is not a plain YAML value ({problem}){hint}") from None
     return given
 
 

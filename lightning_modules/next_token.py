@@ -28,7 +28,7 @@ from lightning_modules.family import FLOAT, INDEX, Term
 from lightning_modules.logs import log_evaluation, log_training
 from lightning_modules.next_token_config import LinearFamily, MLPNextTokenFamily, NextTokenFamily, TransformerFamily
 from lightning_modules.optimizers import lightning_optimizers, optimizer
-from networks.autoregressive import linear_next_token, mlp_next_token
+from networks.autoregressive import SPAN_ELEMENTS, linear_next_token, mlp_next_token
 from networks.transformer import CoTTransformer
 
 EVAL_CHUNK = 2048  # held-out sequences per forward pass of a next-token evaluation, up to 48 tokens each
@@ -271,25 +271,27 @@ class TransformerLM(TransformerFamily, NextTokenModule):
 
 
 class CausalLinearLM(NextTokenModule):
-    """The CausalLinear families (networks/autoregressive.py): their memory is the T x T block matrix."""
+    """The CausalLinear families (networks/autoregressive.py): their memory is the T(T+1)/2 blocks and their
+    optimizer state; a pass adds one span of targets and the per-position activations."""
 
     @classmethod
     def footprint(cls, cfg: Config, task) -> list[Term]:
         layout = task.layout(cfg.data)
         T, vocab = ("seq_len", layout.seq_len, task.size_key), ("vocab", layout.vocab_size, None)
+        pairs = ("T(T+1)/2 position pairs", layout.seq_len * (layout.seq_len + 1) // 2, task.size_key)
         out = (("model.width", cfg.model.width, "model.width") if hasattr(cfg.model, "width")
                else ("vocab", layout.vocab_size, None))
-        E = cls.members_size(cfg)
-        terms = super().footprint(cfg, task) + [
-            Term("CausalLinear blocks, gradient and Adam state", [("2", 2, None), E, T, T, vocab, out], FLOAT),
-            Term("assembled CausalLinear matrices, their gradients and the generation cache's copy",
-                 [("3", 3, None), E, T, T, vocab, out], FLOAT),
-            Term("evaluation pass: prefix sums and activations",
+        depth = ("model.depth", cfg.model.depth, "model.depth") if hasattr(cfg.model, "depth") else ("1", 1, None)
+        E, local = cls.members_size(cfg), batch_sizes(cfg)[1]
+        return super().footprint(cfg, task) + [
+            Term("CausalLinear blocks, gradient, Adam state and its step's temporaries",
+                 [("6", 6, None), E, pairs, vocab, out], FLOAT),
+            Term("one span of targets: its dense piece of blocks, the piece's gradient and the one-hot prefix",
+                 [("3 x 2^22", 3 * SPAN_ELEMENTS, None)], FLOAT),
+            Term("activations kept for the backward pass", [("2 x depth + 4", 2 * depth[1] + 4, depth[2]), E, local,
+                                                           T, out], FLOAT),
+            Term("evaluation pass: outputs and activations",
                  [("5", 5, None), cls.eval_chunk_term(cfg, T[1]), T, out], FLOAT)]
-        if hasattr(cfg.model, "depth"):
-            terms.append(Term("hidden activations", [("2", 2, None), E, batch_sizes(cfg)[1], T, out,
-                                                     ("model.depth", cfg.model.depth, "model.depth")], FLOAT))
-        return terms
 
 
 class LinearLM(LinearFamily, CausalLinearLM):

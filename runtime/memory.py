@@ -76,10 +76,14 @@ def local_processes(cfg: Config) -> int:
 
 
 def growth(cfg: Config, key: str) -> float:
-    """How many times its schema default a size key is (which key made a tensor too big)."""
+    """How many times its schema default a size key is (which key made a tensor too big); 1 for a key that is
+    no number (a circuit's ``data.netlist`` sizes its sequences by naming a file)."""
     section, name = key.split(".")
     node = getattr(cfg, section)
-    return getattr(node, name) / max(getattr(type(node)(), name), 1)
+    value, default = getattr(node, name), getattr(type(node)(), name)
+    if not isinstance(value, (int, float)) or not isinstance(default, (int, float)):
+        return 1.0
+    return value / max(default, 1)
 
 
 def gib(n: int) -> str:

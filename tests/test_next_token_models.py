@@ -7,13 +7,15 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 
 from config import ConfigError, compose, task_class
 from runtime.memory import footprint
 from datamodules.parity import ParityTask
 from datamodules.multiply import MultiplyTask, held_out, operands, render, sequences
 from datamodules.stream import Ticket, train_stream
-from networks.autoregressive import AutoregressiveNet
+from networks import autoregressive
+from networks.autoregressive import AutoregressiveNet, CausalLinear
 from lightning_modules.next_token import NextTokenModule, completion_loss, make_backbone, teacher_forced_and_greedy
 from runtime.experiment import build
 
@@ -72,6 +74,35 @@ def test_cached_generation_equals_recomputing_the_prefix(kind):
     torch.testing.assert_close(logits, logits_plain)
     assert torch.equal(generated, generated_plain)
     assert torch.equal(net(tokens[:, :7]), logits[:, :7])  # a shorter prefix: the same model
+
+
+def dense_reference(layer: CausalLinear, tokens: torch.Tensor) -> torch.Tensor:
+    """CausalLinear's definition written out: one-hot prefix times the assembled block-lower-triangular matrix."""
+    T, V, O = layer.seq_len, layer.vocab_size, layer.out_features
+    target, source = torch.tril_indices(T, T)
+    dense = layer.blocks.new_zeros(T, V, T, O)
+    dense[source, :, target, :] = layer.blocks
+    onehot = F.one_hot(tokens, V).float().flatten(1)  # (B, t * V)
+    t = tokens.shape[1]
+    return (onehot @ dense[:t, :, :t].reshape(t * V, t * O)).view(-1, t, O) + layer.bias.view(T, O)[:t]
+
+
+@pytest.mark.parametrize("span_elements", [2**22, 300, 1])  # one span, several, one target each
+def test_causal_linear_spans_match_the_dense_definition(monkeypatch, span_elements):
+    monkeypatch.setattr(autoregressive, "SPAN_ELEMENTS", span_elements)
+    torch.manual_seed(0)
+    layer = CausalLinear(19, 3, 4)
+    with torch.no_grad():
+        layer.bias.normal_()
+    tokens = torch.randint(0, 3, (6, 19))
+    weights = torch.randn(6, 19, 4)
+    for t in (19, 11):
+        ours, reference = layer(tokens[:, :t]), dense_reference(layer, tokens[:, :t])
+        torch.testing.assert_close(ours, reference)
+        grads = [torch.autograd.grad((out * weights[:, :t]).sum(), [layer.blocks, layer.bias])
+                 for out in (ours, reference)]
+        for mine, theirs in zip(*grads):
+            torch.testing.assert_close(mine, theirs)
 
 
 def test_parameter_count_is_the_lower_triangle():
@@ -286,8 +317,8 @@ def test_ensemble_records_each_member_s_solve_and_stops_when_all_are_solved(monk
 @pytest.mark.parametrize("preset, kind", [("tree_cot_parity", "transformer"), ("cot_parity", "linear"),
                                           ("multiply_cot", "mlp")])
 def test_memory_estimate_scales_with_the_ensemble(preset, kind):
-    """Every term but the one-member-at-a-time evaluation pass grows E-fold."""
+    """Every term but the one-member-at-a-time evaluation pass and span of targets grows E-fold."""
     one, four = (footprint(compose([f"experiment={preset}", f"model.kind={kind}", f"model.ensemble={e}"]))
                  for e in (1, 4))
     for a, b in zip(one, four):
-        assert b.bytes == (a.bytes if a.what.startswith("evaluation pass") else 4 * a.bytes), a.what
+        assert b.bytes == (a.bytes if a.what.startswith(("evaluation pass", "one span")) else 4 * a.bytes), a.what

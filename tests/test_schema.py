@@ -19,6 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from config import CONFIG_DIR, ConfigError, compose, leaves
+from datamodules.circuit_config import program
 from datamodules.stream import Ticket
 from runtime.checkpointing import RUN_OPTIONS
 from runtime.experiment import build
@@ -72,6 +73,8 @@ def alternative(args: list[str], key: str, value):
     if value is None and key == "data.secret":
         k = compose(args).data.k
         return "[" + ",".join(map(str, range(k))) + "]"
+    if value is None and key == "data.outputs":  # all of them, by default: the first alone
+        return f"[{program(compose(args).data).outputs[0]}]"
     raise AssertionError(f"{key}: no alternative for {value!r}")
 
 

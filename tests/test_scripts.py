@@ -22,6 +22,7 @@ GRIDS = {  # each script's grid, small enough to solve in seconds
     "cot_vs_k.py": ["--k", "2", "--budget", "300", "--chains", "gates"],
     "chain_stride.py": ["--kinds", "mlp", "--n", "8", "--k", "4", "--strides", "1", "4", "--budget", "300"],
     "staircase_vs_parity.py": ["--k", "1", "--n", "4", "--at-n", "4", "--at-k", "1", "--budget", "500", "--jobs", "2"],
+    "circuits.py": ["--circuits", "c17", "--kinds", "linear", "--chains", "gates", "--budget", "400"],
 }
 
 
@@ -55,6 +56,25 @@ def test_staircase_vs_parity_tabulates_both_tasks(grids):
     assert done.returncode == 0, done.stderr[-2000:]
     table = (out / "staircase_vs_parity.md").read_text()
     assert "staircase" in table and "parity" in table and "(16/16)" in table, table  # k = 1: a copy, every member
+
+
+def test_circuits_learns_c17_with_its_gates_and_scores_the_trivial_predictor(grids):
+    out, done = grids["circuits.py"]
+    assert done.returncode == 0, done.stderr[-2000:]
+    [row] = list(csv.DictReader(open(out / "circuits.csv")))
+    assert (row["circuit"], row["inputs"], row["cone_gates"], row["seq_len"]) == ("c17", "5", "6", "14")
+    assert float(row["final_accuracy"]) == 1.0 and float(row["beyond_trivial"]) == 1.0
+    assert 0.0 < float(row["trivial_exact"]) < 1.0  # c17's outputs are no constant or copied input
+    assert "| c17 |" in (out / "circuits.md").read_text() and (out / "circuits.png").stat().st_size > 0
+
+
+def test_circuits_refuses_an_unknown_circuit_before_any_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main("circuits.py")(["--out", str(tmp_path / "out"), "--circuits", "c9999", "--kinds", "linear"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("error: c9999-linear-gates: data.netlist: 'c9999' is not a "
+                                                      "readable .v or .bench file"), err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def main(script: str):

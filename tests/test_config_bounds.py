@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import datamodules  # noqa: F401  (registers every task's declarations: compose below)
+import lightning_modules  # noqa: F401  (and every model family's)
 from config import CONFIG_DIR, ConfigError, compose, task_class
 from runtime import memory
 from runtime.memory import footprint

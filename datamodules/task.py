@@ -92,10 +92,11 @@ class Task(Problem, L.LightningDataModule):
         """data.train_size: None for the endless stream, else the samples of each member's finite training set."""
         return self.cfg.data.train_size
 
-    def train_order(self, member: int, start: int, count: int, device: torch.device) -> torch.Tensor:
-        """Finite training set: the sample indices (count,) the member trains on at positions [start, start +
-        count) of its epochs (kernels/permutation.py)."""
-        return epoch_order(self.cfg.seed, train_stream(member), start, count, self.train_size, device)
+    def train_order(self, start: int, count: int, device: torch.device) -> torch.Tensor:
+        """Finite training set: the sample indices (members, count) each member trains on at positions [start,
+        start + count) of its epochs (kernels/permutation.py)."""
+        streams = [train_stream(m) for m in self.members]
+        return epoch_order(self.cfg.seed, streams, start, count, self.train_size, device)
 
     def training_samples(self, start: int, count: int, device: torch.device):
         """Classifier format: every member's training samples at positions [start, start + count): the stream's
@@ -103,13 +104,16 @@ class Task(Problem, L.LightningDataModule):
         streams = [train_stream(m) for m in self.members]
         if self.train_size is None:
             return self.samples(start, count, streams, device)
-        return self.samples_at(torch.stack([self.train_order(m, start, count, device) for m in self.members]), streams)
+        return self.samples_at(self.train_order(start, count, device), streams)
 
-    def training_sequences(self, member: int, start: int, count: int, device: torch.device) -> torch.Tensor:
-        """Sequence format: a member's training samples at positions [start, start + count), as training_samples."""
+    def training_sequences(self, start: int, count: int, device: torch.device) -> torch.Tensor:
+        """Sequence format: every member's training samples at positions [start, start + count), tokens (members,
+        count, seq_len), as training_samples."""
+        streams = [train_stream(m) for m in self.members]
         if self.train_size is None:
-            return self.sample(start, count, train_stream(member), device)
-        return self.sample_at(self.train_order(member, start, count, device), train_stream(member))
+            return torch.stack([self.sample(start, count, stream, device) for stream in streams])
+        order = self.train_order(start, count, device)
+        return torch.stack([self.sample_at(index, stream) for index, stream in zip(order, streams)])
 
     def generate(self, ticket: Ticket, device: torch.device) -> ClassifierBatch | SequenceBatch:
         """The training samples of a ticket on ``device``: rank r's slice of each global batch in the
@@ -117,8 +121,7 @@ class Task(Problem, L.LightningDataModule):
         ranges, local = self.ticket_ranges(ticket), self.cfg.data.batch_size // ticket.world_size
         shape = (len(self.members), ticket.steps, local)
         if self.format == "sequence":
-            tokens = torch.stack([joined([self.training_sequences(m, start, count, device) for start, count in ranges])
-                                  for m in self.members])
+            tokens = joined([self.training_sequences(start, count, device) for start, count in ranges], 1)
             return SequenceBatch(tokens.view(*shape, self.seq_len), ticket.step)
         xs, ys = zip(*(self.training_samples(start, count, device) for start, count in ranges))
         return ClassifierBatch(joined(list(xs), 1).view(*shape, -1), joined(list(ys), 1).view(shape), ticket.step)

@@ -43,20 +43,21 @@ def tensors(batch) -> list[torch.Tensor]:
 # --- the epoch order ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [8, 100, 1000, 4097])
 def test_each_epoch_visits_every_training_sample_once_in_its_own_order(size):
-    order = epoch_order(7, 4, 0, 3 * size, size, CPU).view(3, size)
+    order = epoch_order(7, [4], 0, 3 * size, size, CPU).view(3, size)
     for epoch in order:
         assert sorted(epoch.tolist()) == list(range(size))
     assert not torch.equal(order[0], order[1]) and not torch.equal(order[1], order[2])
-    assert not torch.equal(order[0], epoch_order(7, 6, 0, size, size, CPU))  # another member's stream
-    assert not torch.equal(order[0], epoch_order(8, 4, 0, size, size, CPU))  # another seed
+    both = epoch_order(7, [6, 4], 0, size, size, CPU)  # streams permuted together: each its own order
+    assert torch.equal(both[1], order[0]) and not torch.equal(both[0], order[0])
+    assert not torch.equal(order[0], epoch_order(8, [4], 0, size, size, CPU)[0])  # another seed
     cuts = [0, 5, size + 3, 3 * size]  # positions cut anywhere give the same indices
-    parts = torch.cat([epoch_order(7, 4, a, b - a, size, CPU) for a, b in zip(cuts, cuts[1:])])
+    parts = torch.cat([epoch_order(7, [4], a, b - a, size, CPU)[0] for a, b in zip(cuts, cuts[1:])])
     assert torch.equal(parts, order.flatten())
 
 
 def test_positions_near_the_end_of_the_stream_and_the_largest_set_stay_in_range():
     for size in (2**62, 3 * 2**40 + 1):
-        index = epoch_order(1, 0, 2**64 - 1000, 1000, size, CPU)
+        index = epoch_order(1, [0], 2**64 - 1000, 1000, size, CPU)
         assert index.min() >= 0 and index.max() < size and index.unique().numel() == 1000
 
 
@@ -67,7 +68,7 @@ def test_a_batch_holds_the_training_streams_samples_in_the_epochs_order(preset):
     ticket = Ticket(step=2, steps=3, rank=0, world_size=1)  # positions 16..40 of a 20-sample set: 3 epochs
     batch = dm.generate(ticket, CPU)
     for i, member in enumerate(dm.members):
-        index = dm.train_order(member, 16, 24, CPU)
+        index = dm.train_order(16, 24, CPU)[i]
         assert index.max() < 20
         if dm.format == "sequence":
             expected = torch.cat([dm.sample(g, 1, train_stream(member), CPU) for g in index.tolist()])
@@ -77,7 +78,7 @@ def test_a_batch_holds_the_training_streams_samples_in_the_epochs_order(preset):
             assert torch.equal(pm1(batch.x[i].reshape(24, -1)), torch.cat([x[0] for x, _ in one]))
             assert torch.equal(batch.y[i].reshape(24), torch.cat([y[0] for _, y in one]))
     if dm.format == "classifier":  # the base class's one-at-a-time samples_at is the task's own
-        index = torch.stack([dm.train_order(m, 16, 24, CPU) for m in dm.members])
+        index = dm.train_order(16, 24, CPU)
         streams = [train_stream(m) for m in dm.members]
         for mine, base in zip(dm.samples_at(index, streams), Task.samples_at(dm, index, streams)):
             assert torch.equal(mine, base)

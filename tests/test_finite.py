@@ -181,14 +181,28 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def test_a_run_killed_mid_epoch_resumes_bitwise_and_records_its_fit(tmp_path):
+DDP = ["trainer.accelerator=cpu", "trainer.progress_bar=false", "data.n=20", "model.ensemble=2", "data.train_size=80",
+       "trainer.max_steps=50", "eval.every_n_steps=50", "checkpoint.every_n_steps=50", "eval.size=256"]
+
+
+def test_whole_runs_resume_mid_epoch_shard_over_ranks_and_record_their_fit(tmp_path):
+    """One batch of runs: killed mid-epoch and resumed against uninterrupted (bitwise); 2 DDP ranks against one
+    process (float summation apart); the fit recorded by the MLP and the next-token model; a refusal."""
     cot = ["experiment=cot_parity", "trainer.accelerator=cpu", "trainer.progress_bar=false", "data.n=10", "data.k=3",
            "data.train_size=128", "trainer.max_steps=200", "eval.every_n_steps=100", "eval.size=128"]
     done = train_all(tmp_path, {"whole": [f"run_dir={tmp_path / 'whole'}", *RUN],
                                 "killed": [f"run_dir={tmp_path / 'killed'}", *RUN],
                                 "cot": [f"run_dir={tmp_path / 'cot'}", *cot],
+                                "one": [f"run_dir={tmp_path / 'one'}", *DDP],
+                                "ddp": [f"run_dir={tmp_path / 'ddp'}", *DDP, "trainer.devices=2", "trainer.strategy=ddp"],
                                 "refused": ["data.train_size=8", f"run_dir={tmp_path / 'refused'}"]},
                      envs={"killed": {**clean_env(), KILL_AT_STEP_ENV: "230"}})
+    for name in ("one", "ddp"):
+        assert done[name].returncode == 0, done[name].stderr[-2000:]
+    one, ddp = checkpoint(tmp_path / "one")["state_dict"], checkpoint(tmp_path / "ddp")["state_dict"]
+    for name, tensor in one.items():
+        scale = tensor.double().abs().max().item()
+        assert torch.allclose(ddp[name].double(), tensor.double(), rtol=1e-5, atol=1e-5 * scale), name
     assert done["whole"].returncode == 0, done["whole"].stderr[-2000:]
     assert done["killed"].returncode == -signal.SIGKILL and checkpoint(tmp_path / "killed")["global_step"] == 150
     one_error_line(done["refused"], "data.train_size: 8 is smaller than data.batch_size 32")

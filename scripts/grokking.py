@@ -41,7 +41,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                         help="extra train.py overrides for every run")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 1 <= args.k <= args.n:
+        parser.error(f"--k: must be in [1, --n ({args.n})], got {args.k}")
+    return args
 
 
 def curves(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:

@@ -51,7 +51,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--members", type=int, default=16, help="ensemble members (seeds) per run")
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                         help="extra train.py overrides for every run")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if min(args.sizes) < 32:  # the experiments' batch
+        parser.error(f"--sizes: every size must be at least a batch (32), got {min(args.sizes)}")
+    if not 1 <= args.k <= args.n:
+        parser.error(f"--k: must be in [1, --n ({args.n})], got {args.k}")
+    return args
 
 
 def run_cell(init: str, width: int, size: int, args: argparse.Namespace, out: Path) -> Cell:

@@ -108,8 +108,12 @@ class NextTokenModule(NextTokenFamily, L.LightningModule):
     def footprint(cls, cfg: Config, task) -> list[Term]:
         layout, e, E = task.layout(cfg.data), cfg.eval, cls.members_size(cfg)
         T = ("seq_len", layout.seq_len, task.size_key)
-        return [Term("held-out set", [E, ("eval.size", e.size, "eval.size"), T], INDEX),
-                Term("training batch", [E, *batch_sizes(cfg), T], INDEX)]
+        terms = [Term("held-out set", [E, ("eval.size", e.size, "eval.size"), T], INDEX),
+                 Term("training batch", [E, *batch_sizes(cfg), T], INDEX)]
+        if cfg.data.train_size is not None:  # a finite training set: the samples the fit is measured on
+            fit = ("min(data.train_size, eval.size)", min(cfg.data.train_size, e.size), "eval.size")
+            terms.append(Term("training samples the fit is measured on", [E, fit, T], INDEX))
+        return terms
 
     @staticmethod
     def eval_chunk_term(cfg: Config, seq_len: int) -> tuple[str, int, str]:

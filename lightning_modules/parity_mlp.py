@@ -66,6 +66,10 @@ class ParityMLP(MLPFamily, L.LightningModule):
                       [("3", 3, None), E, ("eval.size", e.size, "eval.size"), n], FLOAT),
                  Term("training batch", [E, *per_batch, n], FLOAT),
                  Term("hidden activations and their gradient", [("2", 2, None), E, per_batch[1], width], FLOAT)]
+        if d.train_size is not None:  # a finite training set: the fit's samples and each batch's epoch order
+            fit = ("min(data.train_size, eval.size)", min(d.train_size, e.size), "eval.size")
+            terms += [Term("training samples the fit is measured on", [E, fit, n], FLOAT),
+                      Term("epoch order: indices and Feistel words", [("8", 8, None), E, *per_batch], INDEX)]
         if not getattr(e, "hidden_progress", False):
             return terms
         k = task.secret_size(d)

@@ -58,8 +58,8 @@ class ParityTask(ParityProblem, Task):
 
         def draw(start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
             if self.train_size is not None:  # the finite training set, in each epoch's order
-                x, y, _ = sparse_parity_at(self.cfg.seed, self.train_order(start, count, device), d.n, secret,
-                                           stream=stream_ids, noise=d.noise,
+                index = self.train_order(start, count, device)
+                x, y, _ = sparse_parity_at(self.cfg.seed, index, d.n, secret, stream=stream_ids, noise=d.noise,
                                            layout=layout)
                 return x, pm1(y)
             x, y, _ = sparse_parity(self.cfg.seed, start, count, d.n, secret, stream=stream_ids,

@@ -51,14 +51,13 @@ def sparse_parity(seed: int, start: int, count: int, n: int, secret: IntOrInts, 
 
 def sparse_parity_at(seed: int, index: torch.Tensor, n: int, secret: IntOrInts, *, stream: IntOrInts = 0,
                      noise: float = 0.0, layout: str = "bits"):
-    """The samples at ``index`` (int64, on the device the samples are made on) of stream(s) ``stream``, as
-    ``sparse_parity`` returns them: with one stream, index is (count,); with S streams, (count,) for all of them or
-    (S, count), row s for stream s. ``sparse_parity_at(seed, index, ...)[i]`` equals ``sparse_parity(seed,
-    index[i], 1, ...)[0]``: the same bits. It is the PyTorch reference on every device (no Triton or C++ version)."""
+    """The samples at ``index`` (int64 sample indices in [0, 2^63), on the device the samples are made on; not read
+    back, so a CUDA call never synchronizes) of stream(s) ``stream``, as ``sparse_parity`` returns them: with one
+    stream, index is (count,); with S streams, (count,) for all of them or (S, count), row s for stream s.
+    ``sparse_parity_at(seed, index, ...)[i]`` equals ``sparse_parity(seed, index[i], 1, ...)[0]``: the same bits.
+    It is the PyTorch reference on every device (no Triton or C++ version)."""
     if index.dtype != torch.int64 or index.dim() not in (1, 2):
         raise ValueError(f"index must be a 1-d or 2-d int64 tensor, got {index.dtype} of shape {tuple(index.shape)}")
-    if index.numel() and index.min() < 0:
-        raise ValueError("sample indices must be >= 0")
     secret_t, streams, single = _check(seed, 0, 0, n, secret, stream, noise, layout, index.device)
     if index.dim() == 2 and index.shape[0] != streams.numel():
         raise ValueError(f"index has {index.shape[0]} rows for {streams.numel()} streams")

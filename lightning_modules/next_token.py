@@ -231,10 +231,10 @@ class NextTokenModule(NextTokenFamily, L.LightningModule):
         self.solved_step[newly] = step
         solved = int((self.solved_step >= 0).sum())
         token, greedy, chain = self.accuracy.T
-        dm, fit = self.trainer.datamodule, {}
-        if dm.train_size is not None:  # the fit on the finite training set: greedy accuracy of the answer
-            on_train = torch.stack([self.scores(net, tokens) for net, tokens in zip(self.backbones,
-                                                                                   dm.train_subset(self.device))])
+        fit = {}
+        if self.cfg.data.train_size is not None:  # the fit on the finite training set: greedy accuracy of the answer
+            subset = self.trainer.datamodule.train_subset(self.device)
+            on_train = torch.stack([self.scores(net, tokens) for net, tokens in zip(self.backbones, subset)])
             fit = record_fit(self, on_train[:, 1], on_train[:, 1] == 1.0, step, "accuracy")
             fit["train_set/token_accuracy"] = on_train[:, 0].mean()
         log_evaluation(self, {"eval/token_accuracy": token.mean(), "eval/greedy_accuracy": greedy.mean(),

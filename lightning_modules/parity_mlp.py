@@ -328,7 +328,7 @@ class ParityMLP(MLPFamily, L.LightningModule):
         self.solved_step[newly] = step
         solved = int((self.solved_step >= 0).sum())
         secret, hidden, fit = dm.secret, {}, {}
-        if dm.train_size is not None:  # the fit on the finite training set
+        if self.cfg.data.train_size is not None:  # the fit on the finite training set
             x, y = dm.train_subset(self.device)
             fit = record_fit(self, *dm.score(self.outputs(x), y), step, self.score_name)
         if self.hidden_progress is not None:

@@ -141,7 +141,7 @@ def summarize(finished: list[Outcome]) -> tuple[list[dict], list[dict]]:
     for cell, summary in ((o.cell, o.summary) for o in finished):
         steps, accuracy = member_steps(summary)
         members, budget = summary["members"], cell.cfg.trainer.max_steps
-        extra = next_token_accuracies(summary)
+        extra = {**next_token_accuracies(summary), **fit_steps(summary)}
         for i, (member, step, acc) in enumerate(zip(members, steps, accuracy)):
             rows.append({**cell.values, "seed": cell.cfg.seed, "member": member,
                          "solved_step": int(step) if np.isfinite(step) else "",
@@ -158,6 +158,17 @@ def summarize(finished: list[Outcome]) -> tuple[list[dict], list[dict]]:
                       "steps_run": summary.get("steps"), "train_wall_s": summary.get("train_wall_s"),
                       "run_dir": str(cell.run_dir), "_steps": steps})
     return rows, table
+
+
+def fit_steps(summary: dict) -> dict[str, list]:
+    """A finite-training-set cell's per-member fit_step (first evaluation at 100% on the training set; "" where
+    never) and training-set score; {} for a cell of the endless stream."""
+    if "fit_step" not in summary:
+        return {}
+    train = next(key for key in summary if key.startswith("final_train_"))
+    fit, score = summary["fit_step"], summary[train]
+    fit, score = (fit, score) if isinstance(fit, list) else ([fit], [score])
+    return {"fit_step": ["" if s is None else s for s in fit], "train_score": score}
 
 
 def next_token_accuracies(summary: dict) -> dict[str, list[float]]:

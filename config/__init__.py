@@ -34,6 +34,8 @@ class DataConfig:
     format: ClassVar[str] = "classifier"  # the batch format the section serves: classifier | sequence
     task: str = "parity"
     batch_size: int = 32  # global: ranks split it
+    train_size: Optional[int] = None  # None: fresh samples forever; N: samples [0, N) of each member's training
+    # stream, one pass per epoch in an order that is a pure function of (seed, member, epoch) (datamodules/stream.py)
 
 
 @dataclass
@@ -309,6 +311,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, given: set[str] = fr
             need(size <= NAME_MAX, key, f"{part[:24]}... is a name of {size} bytes; file systems allow {NAME_MAX}")
     need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
     task_class(d.task).validate(cfg)
+    if d.train_size is not None:
+        validate_train_size(cfg)
     model_family(cfg.model).validate(cfg, given)
     need(math.isfinite(o.lr) and o.lr > 0, "optim.lr", f"must be a finite number > 0, got {o.lr}")
     if isinstance(o, SGDConfig):
@@ -343,6 +347,24 @@ def validate(cfg: Config, world_size: Optional[int] = None, given: set[str] = fr
                            ("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps)):
             need(every % t.steps_per_batch == 0, "trainer.steps_per_batch",
                  f"{t.steps_per_batch} must divide {key} ({every})")
+
+
+TRAIN_SIZE_MAX = 2**62  # kernels/permutation.py: the epoch order's Feistel halves stay within int64
+
+
+def validate_train_size(cfg: Config) -> None:
+    """A finite training set holds at least a batch, fits the permutation and has no more samples than the task
+    has distinct inputs."""
+    d, task = cfg.data, task_class(cfg.data.task)
+    size, space = d.train_size, task.input_space(d)
+    need(size >= d.batch_size, "data.train_size",
+         f"{size} is smaller than data.batch_size {d.batch_size} (a batch would hold a sample twice)")
+    need(size <= TRAIN_SIZE_MAX, "data.train_size", f"{size} is beyond the 2**62 samples a training set may take "
+         "from its stream (leave it unset to stream fresh samples)")
+    if space is not None and size > space:
+        setting = f"{task.size_key}={getattr(d, task.size_key.split('.')[1])}"
+        need(False, "data.train_size", f"{size} exceeds the {space} distinct inputs of the {d.task} task with "
+             f"{setting} (a set that large would repeat inputs)")
 
 
 def need(ok: bool, key: str, problem: str) -> None:

@@ -12,6 +12,7 @@ from datamodules.majority_config import MajorityProblem
 from datamodules.parity import secret_for
 from datamodules.task import Task
 from kernels import sparse_parity
+from kernels.sparse_parity import sparse_parity_at
 
 
 class MajorityTask(MajorityProblem, Task):
@@ -28,4 +29,9 @@ class MajorityTask(MajorityProblem, Task):
         d = self.cfg.data
         x, _, _ = sparse_parity(self.cfg.seed, start, count, d.n, self.secret, stream=streams,
                                 backend=self.cfg.kernels.backend, device=device, layout="pm1")
+        return x, x[..., self.secret].sum(-1).sign()
+
+    def samples_at(self, index: torch.Tensor, streams: list[int]):
+        """The samples at ``index`` (members, count), for a finite training set."""
+        x, _, _ = sparse_parity_at(self.cfg.seed, index, self.cfg.data.n, self.secret, stream=streams, layout="pm1")
         return x, x[..., self.secret].sum(-1).sign()

@@ -28,3 +28,7 @@ class MajorityProblem(Problem):
     @classmethod
     def input_size(cls, data: MajorityConfig) -> int:
         return data.n
+
+    @classmethod
+    def input_space(cls, data: MajorityConfig) -> int:
+        return 2 ** data.n  # n random bits

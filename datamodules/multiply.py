@@ -58,10 +58,16 @@ def held_out(seed: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def operands(seed: int, start: int, count: int, stream: int, digits: int, held: bool,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Operand pairs of samples [start, start + count) of ``stream``, all on the ``held`` side of the split."""
+    lo = (start & MASK32) + torch.arange(count, dtype=torch.int64, device=device)
+    return operands_of(seed, lo & MASK32, ((start >> 32) + (lo >> 32)) & MASK32, stream, digits, held)
+
+
+def operands_of(seed: int, g_lo: torch.Tensor, g_hi: torch.Tensor, stream: int, digits: int,
+                held: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Operand pairs of samples g = g_hi 2^32 + g_lo (count,) of ``stream``, on the ``held`` side of the split."""
     key0, key1 = split_seed(seed)
     lowest, span = 10 ** (digits - 1), 9 * 10 ** (digits - 1)
-    lo = (start & MASK32) + torch.arange(count, dtype=torch.int64, device=device)
-    g_lo, g_hi = lo & MASK32, ((start >> 32) + (lo >> 32)) & MASK32
+    count, device = g_lo.numel(), g_lo.device
     a = torch.empty(count, dtype=torch.int64, device=device)
     b = torch.empty_like(a)
     pending = torch.arange(count, device=device)
@@ -157,5 +163,10 @@ class MultiplyTask(MultiplyProblem, Task):
         """Samples [start, start + count) of ``stream`` (train or eval side of the split), (count, seq_len)."""
         d = self.cfg.data
         a, b = operands(self.cfg.seed, start, count, stream, d.digits, is_eval_stream(stream), device)
+        return sequences(a, b, d.digits, d.chain)
+
+    def sample_at(self, index: torch.Tensor, stream: int) -> torch.Tensor:
+        d = self.cfg.data
+        a, b = operands_of(self.cfg.seed, index & MASK32, index >> 32, stream, d.digits, is_eval_stream(stream))
         return sequences(a, b, d.digits, d.chain)
 

@@ -48,6 +48,10 @@ class MultiplyProblem(Problem):
         need(d.chain in CHAINS, "data.chain", f"{d.chain!r} is not one of {', '.join(CHAINS)}")
 
     @classmethod
+    def input_space(cls, data: MultiplyConfig) -> int:
+        return (9 * 10 ** (data.digits - 1)) ** 2  # pairs of d-digit operands (about 3/4 of them on the training side)
+
+    @classmethod
     def layout(cls, data: MultiplyConfig) -> SequenceLayout:
         prompt, answer = 2 * data.digits + 2, 2 * data.digits
         return SequenceLayout(VOCAB_SIZES[data.chain], prompt, prompt + chain_len(data.digits, data.chain) + answer,

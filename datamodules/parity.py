@@ -14,7 +14,7 @@ from datamodules.parity_config import ParityProblem
 from datamodules.stream import ClassifierBatch, SequenceBatch, Ticket, is_eval_stream, joined, pm1, train_stream
 from datamodules.task import Task
 from kernels import sparse_parity
-from kernels.sparse_parity import on_device
+from kernels.sparse_parity import on_device, sparse_parity_at
 
 
 def secret_for(seed: int, n: int, k: int) -> list[int]:
@@ -57,6 +57,11 @@ class ParityTask(ParityProblem, Task):
         layout = "pm1" if device.type == "cuda" else "bits"
 
         def draw(start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if self.train_size is not None:  # the finite training set, in each epoch's order
+                index = self.train_order(start, count, device)
+                x, y, _ = sparse_parity_at(self.cfg.seed, index, d.n, secret, stream=stream_ids, noise=d.noise,
+                                           layout=layout)
+                return x, pm1(y)
             x, y, _ = sparse_parity(self.cfg.seed, start, count, d.n, secret, stream=stream_ids,
                                     noise=d.noise, backend=self.cfg.kernels.backend, device=device,
                                     layout=layout, compile=self.compiled)
@@ -73,6 +78,12 @@ class ParityTask(ParityProblem, Task):
         secret, stream_id = self.device_args(stream, device)
         tokens, y, _ = sparse_parity(self.cfg.seed, start, count, d.n, secret, stream=stream_id, noise=noise,
                                      backend=self.cfg.kernels.backend, device=device, layout="tokens")
+        return self.chained(tokens, y)
+
+    def chained(self, tokens: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The kernel's "tokens" layout (bits, SEPARATOR, sequential chain) with data.chain's completion and the
+        (possibly noisy) answer ``y``."""
+        d, secret = self.cfg.data, self.secret
         if d.chain != "sequential" or d.chain_stride != 1:  # else the kernel's tokens are the chain
             chain = completion(d.chain, tokens[:, secret], d.chain_stride)
             tokens = torch.cat([tokens[:, :self.prompt_len], chain], dim=1)
@@ -85,6 +96,20 @@ class ParityTask(ParityProblem, Task):
 
     def sample(self, start: int, count: int, stream: int, device: torch.device) -> torch.Tensor:
         return self.sequences(start, count, stream, self.noise(stream), device)
+
+    def sample_at(self, index: torch.Tensor, stream: int) -> torch.Tensor:
+        d = self.cfg.data
+        secret, stream_id = self.device_args(stream, index.device)
+        tokens, y, _ = sparse_parity_at(self.cfg.seed, index, d.n, secret, stream=stream_id, noise=self.noise(stream),
+                                        layout="tokens")
+        return self.chained(tokens, y)
+
+    def samples_at(self, index: torch.Tensor, streams: list[int]):
+        d = self.cfg.data
+        secret, stream_ids = self.device_args(streams, index.device)
+        x, y, _ = sparse_parity_at(self.cfg.seed, index, d.n, secret, stream=stream_ids, noise=self.noise(streams[0]),
+                                   layout="pm1")
+        return x, y
 
     def samples(self, start: int, count: int, streams: list[int], device: torch.device):
         """x (members, count, n) and y (members, count) in +/-1 (training batches take ``generate``'s kernel path)."""

@@ -65,6 +65,10 @@ class ParityProblem(Problem):
         return data.n
 
     @classmethod
+    def input_space(cls, data: ParityConfig) -> int:
+        return 2 ** data.n  # n random bits
+
+    @classmethod
     def secret_size(cls, data: ParityConfig) -> int:
         return data.k
 

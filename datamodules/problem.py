@@ -5,7 +5,7 @@ this package, and write its DataModule (a ``datamodules.task.Task`` deriving fro
 ``datamodule`` names it. docs/extending.md walks through it. Nothing here imports torch or Lightning.
 """
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 from config import TASKS, Config, DataConfig, load_class
 
@@ -60,6 +60,12 @@ class Problem:
     def secret_size(cls, data: DataConfig) -> int:
         """Where ``hidden_progress``: the coordinates of the secret subset the label depends on."""
         raise NotImplementedError
+
+    @classmethod
+    def input_space(cls, data: DataConfig) -> Optional[int]:
+        """How many distinct inputs a sample can have (a finite training set, ``data.train_size``, may not exceed
+        it); None where unknown."""
+        return None
 
     @classmethod
     def step_bytes(cls, cfg: Config) -> int:

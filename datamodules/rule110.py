@@ -79,10 +79,16 @@ def held_out(seed: int, cone_cells: torch.Tensor) -> torch.Tensor:
 def rings(seed: int, start: int, count: int, stream: int, cells: int, generations: int, held: bool,
           device: torch.device) -> torch.Tensor:
     """First rows (count, w) of samples [start, start + count) of ``stream``, their cones on the ``held`` side."""
+    lo = (start & MASK32) + torch.arange(count, dtype=torch.int64, device=device)
+    return rings_of(seed, lo & MASK32, ((start >> 32) + (lo >> 32)) & MASK32, stream, cells, generations, held)
+
+
+def rings_of(seed: int, g_lo: torch.Tensor, g_hi: torch.Tensor, stream: int, cells: int, generations: int,
+             held: bool) -> torch.Tensor:
+    """First rows (count, w) of samples g = g_hi 2^32 + g_lo (count,) of ``stream``, cones on the ``held`` side."""
     key0, key1 = split_seed(seed)
     calls = -(-cells // 128)  # Philox calls per candidate ring
-    lo = (start & MASK32) + torch.arange(count, dtype=torch.int64, device=device)
-    g_lo, g_hi = lo & MASK32, ((start >> 32) + (lo >> 32)) & MASK32
+    count, device = g_lo.numel(), g_lo.device
     shifts = torch.arange(32, dtype=torch.int64, device=device)
     out = torch.empty(count, cells, dtype=torch.int64, device=device)
     pending = torch.arange(count, device=device)
@@ -134,5 +140,11 @@ class Rule110Task(Rule110Problem, Task):
         """Samples [start, start + count) of ``stream`` (train or eval side of the split), (count, seq_len)."""
         d = self.cfg.data
         first = rings(self.cfg.seed, start, count, stream, d.cells, d.generations, is_eval_stream(stream), device)
+        return sequences(first, d.generations, d.chain)
+
+    def sample_at(self, index: torch.Tensor, stream: int) -> torch.Tensor:
+        d = self.cfg.data
+        first = rings_of(self.cfg.seed, index & MASK32, index >> 32, stream, d.cells, d.generations,
+                         is_eval_stream(stream))
         return sequences(first, d.generations, d.chain)
 

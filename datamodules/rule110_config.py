@@ -39,6 +39,10 @@ class Rule110Problem(Problem):
         need(d.chain in CHAINS, "data.chain", f"{d.chain!r} is not one of {', '.join(CHAINS)}")
 
     @classmethod
+    def input_space(cls, data: Rule110Config) -> int:
+        return 2 ** data.cells  # first rows of the ring
+
+    @classmethod
     def layout(cls, data: Rule110Config) -> SequenceLayout:
         completion = {"none": 1, "trace": data.generations ** 2, "rows": data.generations * data.cells + 2}[data.chain]
         return SequenceLayout(VOCAB_SIZE, data.cells + 1, data.cells + 1 + completion, 1)

@@ -17,6 +17,7 @@ from datamodules.parity import secret_for
 from datamodules.staircase_config import StaircaseProblem
 from datamodules.task import Task
 from kernels import sparse_parity
+from kernels.sparse_parity import sparse_parity_at
 
 SOLVED_RELATIVE_MSE = 0.02  # solved: held-out MSE <= 2% of Var f
 
@@ -49,5 +50,10 @@ class StaircaseTask(StaircaseProblem, Task):
         d = self.cfg.data
         x, _, _ = sparse_parity(self.cfg.seed, start, count, d.n, self.secret, stream=streams,
                                 backend=self.cfg.kernels.backend, device=device, layout="pm1")
+        return x, staircase(x, self.secret)
+
+    def samples_at(self, index: torch.Tensor, streams: list[int]):
+        """The samples at ``index`` (members, count), for a finite training set."""
+        x, _, _ = sparse_parity_at(self.cfg.seed, index, self.cfg.data.n, self.secret, stream=streams, layout="pm1")
         return x, staircase(x, self.secret)
 

@@ -36,5 +36,9 @@ class StaircaseProblem(Problem):
         return data.n
 
     @classmethod
+    def input_space(cls, data: StaircaseConfig) -> int:
+        return 2 ** data.n  # n random bits
+
+    @classmethod
     def secret_size(cls, data: StaircaseConfig) -> int:
         return data.k

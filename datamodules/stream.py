@@ -4,7 +4,9 @@ The DataLoader yields a tiny ``Ticket`` per Lightning batch; a task turns it int
 training device in ``on_after_batch_transfer``. Sample g of stream s is a pure function of
 (seed, s, g); the global batch of step t is samples [t B, (t + 1) B) and rank r of W takes its
 r-th slice. Member m of an ensemble trains on stream ``2 m`` and is evaluated on ``2 m + 1``,
-so no training sample is ever an evaluation sample.
+so no training sample is ever an evaluation sample. With a finite training set (``data.train_size``)
+the same positions index the epochs of samples [0, N) of the training stream instead, each in its
+own keyed order (``Task.train_order``, kernels/permutation.py).
 """
 import math
 from collections.abc import Callable, Iterator

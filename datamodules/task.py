@@ -13,6 +13,7 @@ from config import Config
 from datamodules.problem import Problem
 from datamodules.stream import (ClassifierBatch, SequenceBatch, Ticket, eval_stream, joined, member_ids, ticket_loader,
                                 ticket_ranges, train_stream)
+from kernels.permutation import epoch_order
 
 
 class Task(Problem, L.LightningDataModule):
@@ -26,7 +27,7 @@ class Task(Problem, L.LightningDataModule):
         self.cfg = cfg
         self.format = cfg.data.format
         self.members = member_ids(cfg)
-        self._eval_set = None
+        self._fixed: dict[str, object] = {}  # eval_set and train_subset per device
         if self.format == "sequence":
             layout = self.layout(cfg.data)
             self.vocab_size, self.prompt_len = layout.vocab_size, layout.prompt_len
@@ -72,33 +73,80 @@ class Task(Problem, L.LightningDataModule):
         """Sequence format: samples [start, start + count) of one stream, int64 tokens (count, seq_len)."""
         raise NotImplementedError
 
+    def samples_at(self, index: torch.Tensor, streams: list[int]):
+        """Classifier format: the samples at ``index`` (members, count; int64 on the device), row m of stream m, as
+        ``samples`` returns them: what a finite training set (data.train_size) is drawn with. Here one sample at a
+        time from ``samples``; a task overrides it where it can draw them at once."""
+        rows = [[self.samples(g, 1, [stream], index.device) for g in row.tolist()]
+                for row, stream in zip(index, streams)]
+        return tuple(torch.cat([torch.cat([part[i] for part in row], 1) for row in rows]) for i in range(2))
+
+    def sample_at(self, index: torch.Tensor, stream: int) -> torch.Tensor:
+        """Sequence format: the samples at ``index`` (count,; int64 on the device) of one stream, as ``sample``
+        returns them. Here one sample at a time; a task overrides it where it can draw them at once."""
+        return torch.cat([self.sample(g, 1, stream, index.device) for g in index.tolist()])
+
+    # --- the training set ---------------------------------------------------------------------------
+    @property
+    def train_size(self) -> Optional[int]:
+        """data.train_size: None for the endless stream, else the samples of each member's finite training set."""
+        return self.cfg.data.train_size
+
+    def train_order(self, start: int, count: int, device: torch.device) -> torch.Tensor:
+        """Finite training set: the sample indices (members, count) each member trains on at positions [start,
+        start + count) of its epochs (kernels/permutation.py)."""
+        streams = [train_stream(m) for m in self.members]
+        return epoch_order(self.cfg.seed, streams, start, count, self.train_size, device)
+
+    def training_samples(self, start: int, count: int, device: torch.device):
+        """Classifier format: every member's training samples at positions [start, start + count): the stream's
+        samples themselves, or those of the finite training set in each epoch's order."""
+        streams = [train_stream(m) for m in self.members]
+        if self.train_size is None:
+            return self.samples(start, count, streams, device)
+        return self.samples_at(self.train_order(start, count, device), streams)
+
+    def training_sequences(self, start: int, count: int, device: torch.device) -> torch.Tensor:
+        """Sequence format: every member's training samples at positions [start, start + count), tokens (members,
+        count, seq_len), as training_samples."""
+        streams = [train_stream(m) for m in self.members]
+        if self.train_size is None:
+            return torch.stack([self.sample(start, count, stream, device) for stream in streams])
+        order = self.train_order(start, count, device)
+        return torch.stack([self.sample_at(index, stream) for index, stream in zip(order, streams)])
+
     def generate(self, ticket: Ticket, device: torch.device) -> ClassifierBatch | SequenceBatch:
         """The training samples of a ticket on ``device``: rank r's slice of each global batch in the
-        ticket's steps, from each member's training stream."""
+        ticket's steps, from each member's training stream (or its finite training set)."""
         ranges, local = self.ticket_ranges(ticket), self.cfg.data.batch_size // ticket.world_size
         shape = (len(self.members), ticket.steps, local)
         if self.format == "sequence":
-            tokens = torch.stack([joined([self.sample(start, count, train_stream(m), device)
-                                          for start, count in ranges]) for m in self.members])
+            tokens = joined([self.training_sequences(start, count, device) for start, count in ranges], 1)
             return SequenceBatch(tokens.view(*shape, self.seq_len), ticket.step)
-        streams = [train_stream(m) for m in self.members]
-        xs, ys = zip(*(self.samples(start, count, streams, device) for start, count in ranges))
+        xs, ys = zip(*(self.training_samples(start, count, device) for start, count in ranges))
         return ClassifierBatch(joined(list(xs), 1).view(*shape, -1), joined(list(ys), 1).view(shape), ticket.step)
 
     def eval_set(self, device: torch.device):
         """The fixed held-out samples on ``device`` (never training samples), made once per device: tokens
         (members, eval.size, seq_len) or (x, y) as ``samples`` returns them."""
-        cached = self._eval_set
+        return self.fixed_set("eval", [eval_stream(m) for m in self.members], self.cfg.eval.size, device)
+
+    def train_subset(self, device: torch.device):
+        """Finite training set: the training samples each evaluation measures the fit on, the set's first
+        min(data.train_size, eval.size) samples (the whole set where it is no larger), as ``eval_set``."""
+        size = min(self.train_size, self.cfg.eval.size)
+        return self.fixed_set("train", [train_stream(m) for m in self.members], size, device)
+
+    def fixed_set(self, name: str, streams: list[int], size: int, device: torch.device):
+        """Samples [0, size) of each stream on ``device``, made once per device and kept under ``name``."""
+        cached = self._fixed.get(name)
         if cached is None or (cached if self.format == "sequence" else cached[0]).device != device:
-            size = self.cfg.eval.size
-            self._eval_set = (torch.stack([self.sample(0, size, eval_stream(m), device) for m in self.members])
-                              if self.format == "sequence" else
-                              self.samples(0, size, [eval_stream(m) for m in self.members], device))
-        return self._eval_set
+            self._fixed[name] = (torch.stack([self.sample(0, size, stream, device) for stream in streams])
+                                 if self.format == "sequence" else self.samples(0, size, streams, device))
+        return self._fixed[name]
 
     def score(self, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Classifier format: each member's held-out score from outputs f (E, N) and targets y (E, N), and
         whether it counts as solved. Labels: the accuracy of sign(f), solved at 100%."""
         accuracy = (f * y > 0).float().mean(1)
         return accuracy, accuracy == 1.0
-

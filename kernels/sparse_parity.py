@@ -49,6 +49,22 @@ def sparse_parity(seed: int, start: int, count: int, n: int, secret: IntOrInts, 
     return tuple(t[0] for t in out) if single else out
 
 
+def sparse_parity_at(seed: int, index: torch.Tensor, n: int, secret: IntOrInts, *, stream: IntOrInts = 0,
+                     noise: float = 0.0, layout: str = "bits"):
+    """The samples at ``index`` (int64 sample indices in [0, 2^63), on the device the samples are made on; not read
+    back, so a CUDA call never synchronizes) of stream(s) ``stream``, as ``sparse_parity`` returns them: with one
+    stream, index is (count,); with S streams, (count,) for all of them or (S, count), row s for stream s.
+    ``sparse_parity_at(seed, index, ...)[i]`` equals ``sparse_parity(seed, index[i], 1, ...)[0]``: the same bits.
+    It is the PyTorch reference on every device (no Triton or C++ version)."""
+    if index.dtype != torch.int64 or index.dim() not in (1, 2):
+        raise ValueError(f"index must be a 1-d or 2-d int64 tensor, got {index.dtype} of shape {tuple(index.shape)}")
+    secret_t, streams, single = _check(seed, 0, 0, n, secret, stream, noise, layout, index.device)
+    if index.dim() == 2 and index.shape[0] != streams.numel():
+        raise ValueError(f"index has {index.shape[0]} rows for {streams.numel()} streams")
+    out = _drawn(seed, index & MASK32, index >> 32, n, secret_t, streams, int(noise * 2**32), layout)
+    return tuple(t[0] for t in out) if single else out
+
+
 def on_device(secret: IntOrInts, stream: IntOrInts, n: int,
               device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """(secret, stream) validated for n bits and moved to ``device`` once, for ``sparse_parity`` calls there.
@@ -120,11 +136,15 @@ def _reference(seed, start, count, n, secret, streams, threshold, layout, compil
         ext = extension()
         if ext is not None:
             return _from_bits(*sparse_parity_cpu(ext, seed, start, count, n, secret, streams, threshold), layout)
+    lo = (start & MASK32) + torch.arange(count, dtype=torch.int64, device=secret.device)
+    return _drawn(seed, lo & MASK32, ((start >> 32) + (lo >> 32)) & MASK32, n, secret, streams, threshold, layout)
+
+
+def _drawn(seed, g_lo, g_hi, n, secret, streams, threshold, layout):
+    """Samples g = g_hi 2^32 + g_lo of each stream: (count,) words shared by the streams, or (S, count) one row each."""
     key0, key1 = split_seed(seed)
     device = secret.device
-    lo = (start & MASK32) + torch.arange(count, dtype=torch.int64, device=device)
-    g_lo = (lo & MASK32)[None, :, None]
-    g_hi = (((start >> 32) + (lo >> 32)) & MASK32)[None, :, None]
+    g_lo, g_hi = g_lo.expand(streams.numel(), -1)[..., None], g_hi.expand(streams.numel(), -1)[..., None]
     s = streams[:, None, None]
     n_words = (n + 31) // 32
     calls = torch.arange((n_words + 3) // 4, dtype=torch.int64, device=device)[None, None, :]

@@ -28,6 +28,7 @@ from lightning_modules.family import FLOAT, INDEX, Term
 from lightning_modules.logs import log_evaluation, log_training
 from lightning_modules.next_token_config import LinearFamily, MLPNextTokenFamily, NextTokenFamily, TransformerFamily
 from lightning_modules.optimizers import lightning_optimizers, optimizer
+from lightning_modules.training_fit import add_fit_buffers, fit_results, record_fit
 from networks.autoregressive import SPAN_ELEMENTS, linear_next_token, mlp_next_token
 from networks.transformer import CoTTransformer
 
@@ -107,8 +108,12 @@ class NextTokenModule(NextTokenFamily, L.LightningModule):
     def footprint(cls, cfg: Config, task) -> list[Term]:
         layout, e, E = task.layout(cfg.data), cfg.eval, cls.members_size(cfg)
         T = ("seq_len", layout.seq_len, task.size_key)
-        return [Term("held-out set", [E, ("eval.size", e.size, "eval.size"), T], INDEX),
-                Term("training batch", [E, *batch_sizes(cfg), T], INDEX)]
+        terms = [Term("held-out set", [E, ("eval.size", e.size, "eval.size"), T], INDEX),
+                 Term("training batch", [E, *batch_sizes(cfg), T], INDEX)]
+        if cfg.data.train_size is not None:  # a finite training set: the samples the fit is measured on
+            fit = ("min(data.train_size, eval.size)", min(cfg.data.train_size, e.size), "eval.size")
+            terms.append(Term("training samples the fit is measured on", [E, fit, T], INDEX))
+        return terms
 
     @staticmethod
     def eval_chunk_term(cfg: Config, seq_len: int) -> tuple[str, int, str]:
@@ -131,6 +136,7 @@ class NextTokenModule(NextTokenFamily, L.LightningModule):
         self.prompt_len, self.seq_len, self.answer_len = prompt_len, seq_len, answer_len
         self.register_buffer("solved_step", torch.full((len(backbones),), -1, dtype=torch.long))
         self.register_buffer("accuracy", torch.zeros(len(backbones), 3))  # per member: token, greedy, chain
+        add_fit_buffers(self, len(backbones), cfg.data.train_size is not None)
         self.train_s, self.train_tokens = 0.0, 0
 
     @property
@@ -225,9 +231,15 @@ class NextTokenModule(NextTokenFamily, L.LightningModule):
         self.solved_step[newly] = step
         solved = int((self.solved_step >= 0).sum())
         token, greedy, chain = self.accuracy.T
+        fit = {}
+        if self.cfg.data.train_size is not None:  # the fit on the finite training set: greedy accuracy of the answer
+            subset = self.trainer.datamodule.train_subset(self.device)
+            on_train = torch.stack([self.scores(net, tokens) for net, tokens in zip(self.backbones, subset)])
+            fit = record_fit(self, on_train[:, 1], on_train[:, 1] == 1.0, step, "accuracy")
+            fit["train_set/token_accuracy"] = on_train[:, 0].mean()
         log_evaluation(self, {"eval/token_accuracy": token.mean(), "eval/greedy_accuracy": greedy.mean(),
                               "eval/chain_accuracy": chain.mean(), "eval/greedy_accuracy_min": greedy.min(),
-                              "eval/members_solved": solved, "perf/tokens_per_s": self.tokens_per_s}, step)
+                              "eval/members_solved": solved, **fit, "perf/tokens_per_s": self.tokens_per_s}, step)
         if solved == len(self.members):
             self.trainer.should_stop = True
 
@@ -243,6 +255,7 @@ class NextTokenModule(NextTokenFamily, L.LightningModule):
         solved = [s if s >= 0 else None for s in self.solved_step.tolist()]
         params = self.member_parameters
         out = {"solved_step": solved if len(self.members) > 1 else solved[0], **self.metrics(self.accuracy),
+               **fit_results(self, "accuracy"),
                "parameters": params, "tokens_per_s": round(self.tokens_per_s, 1)}
         # Lightning's table of dense peak FLOP/s (TF32 where float32 matmuls may use it); none for CPUs
         peak = get_available_flops(self.device, torch.float32) if self.device.type == "cuda" else None

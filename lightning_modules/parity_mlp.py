@@ -30,6 +30,7 @@ from lightning_modules.lightning_adapter import StepCounter, step_counter
 from lightning_modules.logs import log_evaluation, log_training
 from lightning_modules.mlp_config import MLPFamily
 from lightning_modules.optimizers import clip_per_member, lightning_optimizers, optimizer, scheduled
+from lightning_modules.training_fit import add_fit_buffers, fit_results, record_fit
 from metrics.hidden_progress import EXACT_MAX_N, HiddenProgress
 from networks.mlp import MLPEnsemble, mlp_ensemble
 
@@ -65,6 +66,10 @@ class ParityMLP(MLPFamily, L.LightningModule):
                       [("3", 3, None), E, ("eval.size", e.size, "eval.size"), n], FLOAT),
                  Term("training batch", [E, *per_batch, n], FLOAT),
                  Term("hidden activations and their gradient", [("2", 2, None), E, per_batch[1], width], FLOAT)]
+        if d.train_size is not None:  # a finite training set: the fit's samples and each batch's epoch order
+            fit = ("min(data.train_size, eval.size)", min(d.train_size, e.size), "eval.size")
+            terms += [Term("training samples the fit is measured on", [E, fit, n], FLOAT),
+                      Term("epoch order: indices and Feistel words", [("8", 8, None), E, *per_batch], INDEX)]
         if not getattr(e, "hidden_progress", False):
             return terms
         k = task.secret_size(d)
@@ -106,6 +111,7 @@ class ParityMLP(MLPFamily, L.LightningModule):
         self.register_buffer("solved_step", torch.full((len(self.members),), -1, dtype=torch.long))
         self.register_buffer("score", torch.zeros(len(self.members)))  # held-out, the task's measure (Task.score)
         self.score_name = task.score_name
+        add_fit_buffers(self, len(self.members), cfg.data.train_size is not None)
         # the hidden-progress measures, where the task declares them (eval.hidden_progress exists only there)
         self.hidden_progress = (HiddenProgress(self.inputs, task.secret_size(cfg.data))
                                 if getattr(cfg.eval, "hidden_progress", False) else None)
@@ -316,11 +322,15 @@ class ParityMLP(MLPFamily, L.LightningModule):
     @torch.no_grad()
     def evaluate(self, step: int) -> None:
         """The task's score of every member on its held-out stream; record the first solved one as solved_step."""
-        self.score, solved_now, outputs = self.held_out(self.trainer.datamodule)
+        dm = self.trainer.datamodule
+        self.score, solved_now, outputs = self.held_out(dm)
         newly = solved_now & (self.solved_step < 0)
         self.solved_step[newly] = step
         solved = int((self.solved_step >= 0).sum())
-        secret, hidden = self.trainer.datamodule.secret, {}
+        secret, hidden, fit = dm.secret, {}, {}
+        if self.cfg.data.train_size is not None:  # the fit on the finite training set
+            x, y = dm.train_subset(self.device)
+            fit = record_fit(self, *dm.score(self.outputs(x), y), step, self.score_name)
         if self.hidden_progress is not None:
             x = self.trainer.datamodule.eval_set(self.device)[0]  # cached by the datamodule
             # the Fourier gap scores every member on member 0's held-out samples: a lone member's are its own
@@ -329,7 +339,7 @@ class ParityMLP(MLPFamily, L.LightningModule):
         name = self.score_name
         log_evaluation(self, {f"eval/{name}_mean": self.score.mean(), f"eval/{name}_min": self.score.min(),
                               f"eval/{name}_max": self.score.max(),
-                              "eval/members_solved": solved, **hidden}, step)
+                              "eval/members_solved": solved, **fit, **hidden}, step)
         experiment = getattr(self.logger, "experiment", None)
         if hidden and self.trainer.is_global_zero and hasattr(experiment, "add_image"):
             for member, image in zip(self.members, self.hidden_progress.images(secret)):
@@ -340,4 +350,5 @@ class ParityMLP(MLPFamily, L.LightningModule):
     def results(self) -> dict:
         """summary.json fields: per member for an ensemble, plain values for a single model."""
         solved = [s if s >= 0 else None for s in self.solved_step.tolist()]
-        return {"solved_step": solved[0] if len(self.members) == 1 else solved, **self.metrics(self.score)}
+        return {"solved_step": solved[0] if len(self.members) == 1 else solved, **self.metrics(self.score),
+                **fit_results(self, self.score_name)}

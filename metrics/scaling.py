@@ -13,8 +13,9 @@ BOOTSTRAP = 2000
 
 
 def final_key(summary: dict) -> str:
-    """The summary's final held-out score: final_accuracy, or the task's own (final_relative_mse, ...)."""
-    return next(key for key in summary if key.startswith("final_"))
+    """The summary's final held-out score: final_accuracy, or the task's own (final_relative_mse, ...); not the
+    score on a finite training set (final_train_...)."""
+    return next(key for key in summary if key.startswith("final_") and not key.startswith("final_train_"))
 
 
 def binomial_cdf(successes: int, trials: int, p: float) -> float:

@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from config import Config, ConfigError, to_yaml, validate
 from lightning_modules import stopping
 from lightning_modules.lightning_adapter import set_default_root_dir
+from metrics.scaling import final_key
 from runtime.callbacks import StepProgressBar, StopOnSignal, Throughput, stopped_by
 from runtime.checkpointing import (KILL_AT_STEP_ENV, AtomicCheckpointIO, KillAtStep, ResumeState, adopt_settings,
                                    check_resumable, identity_defaults, load_for_resume, resume_path, run_identity,
@@ -163,7 +164,7 @@ def fit(cfg: Config, plan: Plan, trainer: L.Trainer, dm: L.LightningDataModule, 
         log_hparams(cfg, dm, model, trainer, summary)
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(f"run_dir: {run_dir}")
-        final = next(key for key in summary if key.startswith("final_"))
+        final = final_key(summary)
         print(f"solved_step: {summary['solved_step']}  {final}: {summary[final]}  "
               f"samples/s: {summary['samples_per_s']:.0f}  wall: {summary['train_wall_s']:.1f}s")
     del lock  # held to the end: no second process enters this run directory while it runs

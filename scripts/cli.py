@@ -39,3 +39,9 @@ def train(runner: Runner, cell: Cell) -> dict:
               f"{cell.run_dir}; run the same command again to go on", file=sys.stderr)
         sys.exit(128 + runner.stopped)
     sys.exit(f"error: {cell.name} failed ({outcome.problem}, see {cell.run_dir / 'train.log'})")
+
+
+def per_member(summary: dict, key: str) -> list:
+    """A summary field as a list, one value per member (a lone member's run writes plain values)."""
+    value = summary[key]
+    return value if isinstance(value, list) else [value]

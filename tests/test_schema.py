@@ -70,6 +70,8 @@ def alternative(args: list[str], key: str, value):
         return max(1, 2 * value)
     if isinstance(value, float):
         return value / 1000 if value else 0.1  # small enough that a gradient clip bites
+    if value is None and key == "data.train_size":  # a finite training set of two batches
+        return str(2 * compose(args).data.batch_size)
     if value is None and key == "data.secret":
         k = compose(args).data.k
         return "[" + ",".join(map(str, range(k))) + "]"

@@ -23,6 +23,12 @@ GRIDS = {  # each script's grid, small enough to solve in seconds
     "chain_stride.py": ["--kinds", "mlp", "--n", "8", "--k", "4", "--strides", "1", "4", "--budget", "300"],
     "staircase_vs_parity.py": ["--k", "1", "--n", "4", "--at-n", "4", "--at-k", "1", "--budget", "500", "--jobs", "2"],
     "circuits.py": ["--circuits", "c17", "--kinds", "linear", "--chains", "gates", "--budget", "400"],
+    "sample_complexity.py": ["--n", "8", "--k", "2", "--sizes", "128", "--widths", "16", "--inits", "sparse",
+                             "--members", "2", "--weight-decay", "0.01", "--budget", "400", "--every", "100"],
+    "grokking.py": ["--n", "8", "--k", "2", "--size", "128", "--weight-decays", "0.01", "--budget", "400",
+                    "--every", "100"],
+    "cot_vs_samples.py": ["--kinds", "mlp", "--chains", "sequential", "--sizes", "64", "--budget", "200",
+                          "--set", "data.n=8", "data.k=2", "eval.size=64", "eval.every_n_steps=50"],
 }
 
 
@@ -86,7 +92,41 @@ def main(script: str):
     return module.main
 
 
-@pytest.mark.parametrize("script", ["cot_vs_k.py", "chain_stride.py", "staircase_vs_parity.py"])
+def finished(grids, script: str) -> tuple[Path, list[dict]]:
+    """The script's --out and the rows of its CSV, after checking it exited 0."""
+    out, done = grids[script]
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(out / script.replace(".py", ".csv")) as f:
+        return out, list(csv.DictReader(f))
+
+
+def test_sample_complexity_tabulates_members_solved_and_fit_against_n(grids):
+    out, rows = finished(grids, "sample_complexity.py")
+    assert len(rows) == 2 * 2 and {r["train_size"] for r in rows} == {"128", "0"}  # a size and online
+    assert all(r["fit_step"] for r in rows if r["train_size"] == "128")  # 128 samples of (8, 2) parity: fit
+    markdown = (out / "sample_complexity.md").read_text()
+    assert "| sparse | 16 |" in markdown and "Smallest N at which at least half the members solve" in markdown
+    assert (out / "sample_complexity.png").stat().st_size > 0
+
+
+def test_grokking_reports_fit_and_solve_steps(grids):
+    out, done = grids["grokking.py"]
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = next(line for line in (out / "grokking.md").read_text().splitlines() if line.startswith("| 0.01 |"))
+    fit, solved = (int(cell) for cell in row.split("|")[2:4])
+    assert fit <= solved and (out / "grokking.png").stat().st_size > 0
+
+
+def test_cot_vs_samples_tabulates_the_chain_against_n(grids):
+    out, rows = finished(grids, "cot_vs_samples.py")
+    assert [(r["kind"], r["chain"], r["train_size"]) for r in rows] == [("mlp", "sequential", "64"),
+                                                                        ("mlp", "sequential", "0")]
+    assert rows[0]["fit_step"] and 0 < float(rows[0]["final_train_accuracy"]) <= 1  # the next-token fit
+    assert "Smallest N at which the run solves" in (out / "cot_vs_samples.md").read_text()
+
+
+@pytest.mark.parametrize("script", ["cot_vs_k.py", "chain_stride.py", "staircase_vs_parity.py", "sample_complexity.py",
+                                    "grokking.py"])
 def test_a_bad_option_is_one_line_and_exit_2(tmp_path, capsys, script):
     with pytest.raises(SystemExit) as exited:
         main(script)(["--out", str(tmp_path / "out"), "--k", "0"])

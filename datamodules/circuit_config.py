@@ -221,6 +221,10 @@ class CircuitProblem(Problem):
         program(d)
 
     @classmethod
+    def input_space(cls, data: CircuitConfig) -> Optional[int]:
+        return 2 ** len(program(data).inputs)
+
+    @classmethod
     def layout(cls, data: CircuitConfig) -> SequenceLayout:
         plan = program(data)
         prompt, answer = len(plan.inputs) + 1, len(plan.outputs)

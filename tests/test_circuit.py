@@ -203,3 +203,5 @@ def test_refusals_without_a_process():
         compose(["experiment=circuit_gates", "data.netlist=c9999"])
     with pytest.raises(ConfigError, match="data.netlist: does not apply"):
         compose(["experiment=parity_mlp", "data.netlist=c17"])
+    with pytest.raises(ConfigError, match="data.train_size: 64 exceeds the 32 distinct inputs of the circuit task"):
+        compose(["experiment=circuit_gates", "data.netlist=c17", "data.train_size=64"])

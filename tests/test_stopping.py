@@ -71,7 +71,7 @@ def kill_repeatedly(cwd: Path, run_dir: Path, args: list[str], kills: int, steps
         while not (last.exists() and last.stat().st_mtime > began):  # this process has saved one
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
             time.sleep(0.01)
-        others = [p.name for p in run_dir.rglob("*.tmp") if f".{proc.pid}-" not in p.name]
+        others = [p.name for p in run_dir.rglob("*.tmp") if f"-{proc.pid}-" not in p.name]
         assert not others, (kill, others)  # the debris of the last kill is gone (this process's own may be in flight)
         time.sleep(rng.uniform(0.0, 0.6))
         proc.send_signal(signum)

@@ -16,7 +16,6 @@ Every run's config is checked before the first starts; runs are sweep.py's cells
 and a run stopped by SIGTERM or SIGINT continues when the command is given again.
 """
 import argparse
-import csv
 import math
 import statistics
 import sys
@@ -28,7 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cli import Parser, cell, train  # noqa: E402 (scripts/cli.py, beside this file)
+from cli import Parser, cell, train, write_outputs  # noqa: E402 (scripts/cli.py, beside this file)
 from runtime.cells import Cell, Runner  # noqa: E402 (cli puts the repository on sys.path)
 
 KINDS = ("transformer", "mlp", "linear")
@@ -139,14 +138,9 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     out = args.out.resolve()
     results = run_grid(args, out)
-    with open(out / "chain_stride.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(results)
     markdown = table(results, args)
-    (out / "chain_stride.md").write_text(f"n = {args.n}, k = {args.k}, budget {args.budget} steps, "
-                                         f"seeds {args.seeds}\n\n{markdown}")
-    figure(results, args).savefig(out / "chain_stride.png", dpi=120)
+    write_outputs(out, "chain_stride", results, FIELDS, f"n = {args.n}, k = {args.k}, budget {args.budget} steps, "
+                  f"seeds {args.seeds}\n\n{markdown}", figure(results, args))
     print(markdown)
     return 0
 

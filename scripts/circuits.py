@@ -14,7 +14,6 @@ Writes DIR/circuits.csv (one row per run), DIR/circuits.md and DIR/circuits.png;
 cells: a finished run is reused, a stopped one continues when the command is given again).
 """
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from cli import Parser, cell, train  # noqa: E402 (scripts/cli.py, beside this file)
+from cli import Parser, cell, train, write_outputs  # noqa: E402 (scripts/cli.py, beside this file)
 from lightning_modules.next_token import teacher_forced_and_greedy  # noqa: E402
 from runtime.cells import Cell, Runner  # noqa: E402
 from runtime.experiment import load_run  # noqa: E402
@@ -138,14 +137,9 @@ def main(argv: list[str]) -> int:
             print(f"{circuit} {kind} {chain}: held-out exact {summary['final_accuracy']:.4f} (trivial {trivial:.3f}, "
                   f"beyond it {beyond:.3f}) solved_step={summary['solved_step']} "
                   f"train {summary['train_wall_s']:.0f}s", flush=True)
-    with open(out / "circuits.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
     markdown = table(rows)
-    (out / "circuits.md").write_text(f"budget {args.budget} steps, seed {args.seed}, overrides "
-                                     f"{' '.join(args.overrides) or 'none'}\n\n{markdown}")
-    figure(rows, args).savefig(out / "circuits.png", dpi=120)
+    write_outputs(out, "circuits", rows, FIELDS, f"budget {args.budget} steps, seed {args.seed}, overrides "
+                  f"{' '.join(args.overrides) or 'none'}\n\n{markdown}", figure(rows, args))
     print(markdown)
     return 0
 

@@ -1,5 +1,6 @@
 """What the experiment scripts share: an argument parser whose errors are one line and exit status 2, and
 their train.py runs, made and run as sweep.py's cells (composed before any runs, reused once finished)."""
+import csv
 import argparse
 import sys
 from pathlib import Path
@@ -45,3 +46,13 @@ def per_member(summary: dict, key: str) -> list:
     """A summary field as a list, one value per member (a lone member's run writes plain values)."""
     value = summary[key]
     return value if isinstance(value, list) else [value]
+
+
+def write_outputs(out: Path, name: str, rows: list[dict], fields: list[str], markdown: str, fig) -> None:
+    """An experiment's results in DIR: NAME.csv (``rows``), NAME.md (``markdown``) and NAME.png (``fig``)."""
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / f"{name}.md").write_text(markdown)
+    fig.savefig(out / f"{name}.png", dpi=120)

@@ -12,7 +12,6 @@ Every run's config is checked before the first starts; runs are sweep.py's cells
 and a run stopped by SIGTERM or SIGINT continues when the command is given again.
 """
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
-from cli import Parser, cell, train  # noqa: E402 (scripts/cli.py, beside this file)
+from cli import Parser, cell, train, write_outputs  # noqa: E402 (scripts/cli.py, beside this file)
 from datamodules.parity_config import CHAINS  # noqa: E402 (cli puts the repository on sys.path)
 from runtime.cells import Cell, Runner  # noqa: E402
 
@@ -114,14 +113,10 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     out = args.out.resolve()
     results = run_grid(args, out)
-    with open(out / "cot_vs_k.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(results)
     markdown = table(results, args.k, args.chains, args.budget)
-    (out / "cot_vs_k.md").write_text(f"n = {N}, batch 64, budget {args.budget} steps, seeds {args.seeds}\n\n{markdown}")
     fig = figure(results, args.k, args.chains, args.budget)
-    fig.savefig(out / "cot_vs_k.png", dpi=120)
+    write_outputs(out, "cot_vs_k", results, FIELDS,
+                  f"n = {N}, batch 64, budget {args.budget} steps, seeds {args.seeds}\n\n{markdown}", fig)
     with SummaryWriter(out / "tb") as writer:
         writer.add_figure("cot_vs_k/steps_to_solve", fig)
         for row in results:

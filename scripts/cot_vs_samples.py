@@ -14,7 +14,6 @@ prompts (fit_step: the first at 100%). Writes DIR/cot_vs_samples.csv (one row pe
 DIR/cot_vs_samples.png. Runs are sweep.py's cells in DIR/runs/, reused once finished.
 """
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cli import Parser, cell, train  # noqa: E402 (scripts/cli.py, beside this file)
+from cli import Parser, cell, train, write_outputs  # noqa: E402 (scripts/cli.py, beside this file)
 from runtime.cells import Cell, Runner  # noqa: E402 (cli puts the repository on sys.path)
 
 ONLINE = 0  # the size column of the endless stream
@@ -120,13 +119,8 @@ def main(argv: list[str]) -> int:
     out = args.out.resolve()
     start = time.perf_counter()
     rows = run_grid(args, out)
-    with open(out / "cot_vs_samples.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
     markdown = tables(rows, args)
-    (out / "cot_vs_samples.md").write_text(markdown)
-    figure(rows, args).savefig(out / "cot_vs_samples.png", dpi=120)
+    write_outputs(out, "cot_vs_samples", rows, FIELDS, markdown, figure(rows, args))
     print(markdown + f"\n({time.perf_counter() - start:.0f} s)")
     return 0
 

@@ -16,7 +16,6 @@ smallest N at which at least half the members solve) and DIR/sample_complexity.p
 DIR/runs/, reused once finished, so the command resumes.
 """
 import argparse
-import csv
 import math
 import statistics
 import sys
@@ -28,7 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cli import Parser, cell, per_member, train  # noqa: E402 (scripts/cli.py, beside this file)
+from cli import Parser, cell, per_member, train, write_outputs  # noqa: E402 (scripts/cli.py, beside this file)
 from metrics.scaling import clopper_pearson  # noqa: E402 (cli puts the repository on sys.path)
 from runtime.cells import Cell, Runner  # noqa: E402
 
@@ -173,13 +172,8 @@ def main(argv: list[str]) -> int:
     out = args.out.resolve()
     start = time.perf_counter()
     rows = run_grid(args, out)
-    with open(out / "sample_complexity.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
     markdown = tables(rows, args)
-    (out / "sample_complexity.md").write_text(markdown)
-    figure(rows, args).savefig(out / "sample_complexity.png", dpi=120)
+    write_outputs(out, "sample_complexity", rows, FIELDS, markdown, figure(rows, args))
     print(markdown + f"\n({time.perf_counter() - start:.0f} s)")
     return 0
 

@@ -115,9 +115,9 @@ def restore(run_dir: Path, cfg: Config) -> tuple[L.LightningDataModule, L.Lightn
                 "settings": (checkpoint.get(SETTINGS_KEY, run_settings(cfg)), run_settings(cfg)),
                 "shapes": ({name: tuple(t.shape) for name, t in checkpoint["state_dict"].items()},
                            {name: tuple(t.shape) for name, t in module.state_dict().items()})}
+    defaults = {"identity": identity_defaults(cfg), "settings": setting_defaults(cfg)}
     for what, (stored, built) in expected.items():
-        defaults = {"identity": identity_defaults(cfg), "settings": setting_defaults(cfg)}.get(what)
-        differ = identity_differences(stored, built, defaults)
+        differ = identity_differences(stored, built, defaults.get(what))
         if differ:
             key = differ[0]
             raise ConfigError(f"run_dir: {path} does not match {run_dir / 'config.yaml'} ({what}: {key} "

@@ -85,9 +85,9 @@ def plan_run(cfg: Config, trainer: L.Trainer, dm: L.LightningDataModule, model: 
                            if resume else (None, []))
     if checkpoint is not None:
         check_resumable(checkpoint, resume)
-    if checkpoint is not None and checkpoint["global_step"] > cfg.trainer.max_steps:
-        raise ConfigError(f"trainer.max_steps: {cfg.trainer.max_steps} is below step {checkpoint['global_step']} "
-                          f"of {resume}, which this run continues")
+        if checkpoint["global_step"] > cfg.trainer.max_steps:
+            raise ConfigError(f"trainer.max_steps: {cfg.trainer.max_steps} is below step {checkpoint['global_step']} "
+                              f"of {resume}, which this run continues")
     if changed:  # forced: a checkpoint of another run continues in a fresh directory, never in that run's
         run_dir = shared_run_dir(cfg, trainer, adopt_checkpoint_home=False)
     if run_dir is not None:
@@ -124,8 +124,7 @@ def train(cfg: Config) -> int:
         failure = storage_error(err, Path(os.environ.get(RUN_DIR_ENV) or plan.run_dir or "runs"))
         if failure is None:  # not a write that failed: a bug, a traceback
             raise
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        leave_process_group()
         return refuse(f"{failure}; checkpoints written before it are intact (resume=auto continues)")
 
 
@@ -150,8 +149,7 @@ def fit(cfg: Config, plan: Plan, trainer: L.Trainer, dm: L.LightningDataModule, 
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=plan.resume)
     except ConfigError as err:  # the ranks disagree (RankAgreement)
-        if torch.distributed.is_initialized():  # no collective's thread left running at exit (it aborts the process)
-            torch.distributed.destroy_process_group()
+        leave_process_group()
         return refuse(str(err))
     last = run_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(last)
@@ -238,6 +236,12 @@ def resumes_in(run_dir: Optional[Path], resume: Optional[Path]) -> bool:
 def all_solved(solved_step) -> bool:
     """Whether a solved_step field (int or None, or a list of them for an ensemble) says every member solved."""
     return all(s is not None for s in solved_step) if isinstance(solved_step, list) else solved_step is not None
+
+
+def leave_process_group() -> None:
+    """Before a refusal ends a rank: no collective's thread left running at exit (it aborts the process)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def refuse(message: str) -> int:

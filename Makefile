@@ -21,7 +21,7 @@ train: setup
 	$(BIN)/python train.py $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --numprocesses=auto --maxprocesses=4 --dist loadgroup $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python -m benchmarks.train_throughput

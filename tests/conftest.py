@@ -1,11 +1,13 @@
 """Test-wide setup (Triton's CPU interpreter, markers, the repository root on sys.path), the subprocess helpers
-the end-to-end tests share (train.py runs in sessions of their own, with timeouts) and the runs they share."""
+the end-to-end tests share (train.py runs in sessions of their own, with timeouts, most of them forked from
+tests/forkserver.py) and the runs they share (one pytest-xdist worker makes each)."""
 import contextlib
 import functools
 import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +16,8 @@ from typing import Optional, TypeVar
 import pytest
 import torch
 
+import forkserver
+
 ROOT = Path(__file__).resolve().parents[1]
 if not torch.cuda.is_available():  # Triton runs on a CPU only through its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -21,13 +25,17 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)  # as train.py (trainer.cpu_threads=1): small tensors, and the early runs use the other core
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
+    """Skip GPU tests without a GPU; under ``pytest -n`` (make test) the users of a shared run form one group,
+    so that a single worker makes the run."""
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
+        shared = sorted(name for name in item.fixturenames if name in EARLY)
+        if shared:
+            item.add_marker(pytest.mark.xdist_group("+".join(shared)))
 
 
 TIMEOUT = 300
@@ -41,8 +49,28 @@ def clean_env() -> dict:
             if not k.startswith(("SLURM_", "TORCHELASTIC_", "PARITYLAB_")) and k not in launcher}
 
 
+SERVED = (str(ROOT / "train.py"), str(ROOT / "eval.py"))
+FORK = not torch.cuda.is_available()
+SERVER: list[forkserver.Server] = []  # this session's, once a run used it
+SERVER_STARTING = threading.Lock()
+
+
+def unhooked(env: dict) -> dict:
+    return {k: v for k, v in env.items() if not k.startswith(("PARITYLAB_", "PYTEST_"))}
+
+
 def start(cmd: list[str], cwd: Path, env: Optional[dict] = None) -> subprocess.Popen:
-    """A process in a session of its own, so that a timeout can end it with every process it started."""
+    """A process in a session of its own, so that a timeout can end it with every process it started.
+    train.py and eval.py start from the fork server (a fresh interpreter less 3 s of imports) unless their
+    environment differs from clean_env() in more than the project's own PARITYLAB_ hooks (read at run time),
+    or the machine has a GPU (a process forked after CUDA's driver loaded cannot use it)."""
+    base = clean_env()
+    if FORK and cmd[0] == sys.executable and cmd[1:2] and cmd[1] in SERVED and (
+            env is None or unhooked(env) == unhooked(base)):
+        with SERVER_STARTING:  # the early runs' thread may ask at the same time
+            if not SERVER:
+                SERVER.append(forkserver.Server(base))
+        return SERVER[0].start(cmd, cwd, env or base)
     return subprocess.Popen(cmd, cwd=cwd, env=env or clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 
@@ -104,7 +132,8 @@ def train_all(cwd: Path, runs: dict[K, list[str]], jobs: int = 2,
 # --- shared runs, started early ---------------------------------------------------------------------------
 # A shared fixture made with ``early`` starts its runs as the session starts, in the background, one run at a
 # time beside the tests (the machine's second core), if a collected test uses it. A test that needs it before
-# its turn came runs it itself, two runs at a time.
+# its turn came runs it itself, two runs at a time. Under ``pytest -n`` (make test) the workers keep the cores
+# busy instead: nothing runs in the background, and the tests that use one fixture share a worker.
 BACKGROUND = ThreadPoolExecutor(max_workers=1)
 EARLY: dict[str, Callable[[Path, int], object]] = {}  # fixture name -> its work(directory, jobs)
 STARTED: dict[str, Future] = {}
@@ -125,7 +154,11 @@ def early(work: Callable[[Path, int], T]):
 
 @pytest.fixture(scope="session", autouse=True)
 def start_early(request, tmp_path_factory):
-    """Queue the early fixtures the collected tests use, in the order the tests first use them."""
+    """Queue the early fixtures the collected tests use, in the order the tests first use them (not under
+    ``pytest -n``: there the other workers keep the cores busy)."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        yield
+        return
     for name in dict.fromkeys(name for item in request.session.items for name in item.fixturenames if name in EARLY):
         STARTED[name] = BACKGROUND.submit(EARLY[name], tmp_path_factory.mktemp(name), 1)
     yield

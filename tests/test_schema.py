@@ -125,6 +125,10 @@ def verdict(preset: str, key: str, baselines: dict[tuple, list[torch.Tensor]]) -
     return "acts" if differs(base, probe(changed)) else f"inert: {changed[-1]}"
 
 
+WALK = pytest.mark.xdist_group("walk")  # under pytest -n, one worker walks and checks what was walked
+
+
+@WALK
 @pytest.mark.parametrize("preset", sorted(schemas().values()))
 def test_every_accepted_key_acts_or_is_refused(preset):
     inert = [found[len("inert: "):] for found in walk(preset).values() if found.startswith("inert")]
@@ -140,6 +144,7 @@ def unwalked(walked: Callable[[str], Iterable[str]]) -> list[str]:
             if (schema[preset], key) not in visited]
 
 
+@WALK
 def test_every_key_of_every_preset_was_walked():
     missing = unwalked(walk)
     assert not missing, f"accepted keys the walk never tried: {', '.join(missing)}"

@@ -19,6 +19,8 @@ sys.path.insert(0, str(ROOT))
 
 from kernels.aot import Result  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("aot_quick")  # under pytest -n, one worker compiles the quick tier
+
 
 def _compile_tier(tier: str, out: Path, timeout: int) -> tuple[list[Result], str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -137,6 +137,10 @@ class CircuitTask(CircuitProblem, Task):
                 raise ConfigError(f"seed: with seed {cfg.seed} {'no' if share == 0 else 'every'} input pattern of "
                                   f"{cfg.data.netlist} is held out; choose another seed")
 
+    def identity(self) -> dict:
+        """The problem includes the circuit: a netlist file edited since a checkpoint makes another problem."""
+        return {**super().identity(), "circuit": self.plan.digest()}
+
     def levels_on(self, device: torch.device) -> list[Level]:
         """The compiled program on ``device`` (made once per device)."""
         if device not in self._levels:

@@ -5,6 +5,7 @@ A netlist is read with circuitgraph (gate-level Verilog or .bench), which import
 bad file is refused while the command line is checked, in one line naming the file.
 """
 import functools
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,10 @@ class Program:
     units: tuple[Unit, ...]
     gates: int  # gates of the cone (buffers and inverters included)
     depth: int  # the longest input-to-output path, in gates
+
+    def digest(self) -> str:
+        """The computation itself, not its file: equal for the same circuit however written, else different."""
+        return "sha256:" + hashlib.sha256(repr((self.inputs, self.outputs, self.units)).encode()).hexdigest()[:16]
 
 
 def natural(name: str) -> list:

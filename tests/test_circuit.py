@@ -4,6 +4,7 @@ stream rule and held-out split, a user's netlist trained through train.py, and o
 import json
 import operator
 import random
+import sys
 from functools import reduce
 
 import circuitgraph as cg
@@ -17,7 +18,7 @@ from config import ConfigError, compose
 from datamodules.circuit import CircuitTask, evaluate, held_out, levels, pattern_of
 from datamodules.circuit_config import CircuitConfig, natural, program
 from runtime.memory import check_memory
-from tests.conftest import at_once, one_error_line, train, train_all
+from conftest import ROOT, at_once, clean_env, finish, one_error_line, start, train, train_all
 
 CPU = torch.device("cpu")
 RUN = ("trainer=cpu", "trainer.progress_bar=false")
@@ -157,6 +158,29 @@ def test_a_users_netlist_trains_to_solved(tmp_path):
         summary = json.loads((tmp_path / fmt / "summary.json").read_text())
         assert summary["final_accuracy"] == 1.0 and summary["solved_step"] is not None, summary
         assert (summary["inputs"], summary["outputs_used"], summary["cone_gates"]) == (8, 5, 17)
+
+
+def test_a_netlist_edited_since_the_checkpoint_is_another_problem(tmp_path):
+    """Rewritten with the same gates (a new mtime, another gate order) the run resumes; with one gate changed
+    train.py and eval.py refuse it in one line."""
+    netlist, run_dir = tmp_path / "fa.bench", tmp_path / "run"
+    cg.to_file(user_circuit(), netlist, fmt="bench")
+    args = ["experiment=circuit_gates", f"data.netlist={netlist}", f"run_dir={run_dir}", "eval.size=64",
+            "eval.every_n_steps=10", "checkpoint.every_n_steps=10", "optim.schedule=constant",
+            "optim.warmup_steps=0", *RUN]  # a constant rate: the budget may grow on resume
+    assert train(tmp_path, *args, "trainer.max_steps=10").returncode == 0
+    lines = netlist.read_text().splitlines()
+    gates = [i for i, line in enumerate(lines) if "=" in line]
+    netlist.write_text("\n".join([*lines[:gates[0]], *reversed([lines[i] for i in gates])]) + "\n")
+    resumed = train(tmp_path, *args, "trainer.max_steps=20", "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    edited = [line.replace("= AND(", "= OR(", 1) if line.startswith("c1 ") else line for line in lines]
+    assert edited != lines
+    netlist.write_text("\n".join(edited) + "\n")
+    refused = one_error_line(train(tmp_path, *args, "trainer.max_steps=30", "resume=auto"), "resume: ")
+    assert "was trained on another problem (checkpoint vs config: circuit 'sha256:" in refused
+    done = finish(start([sys.executable, str(ROOT / "eval.py"), str(run_dir)], ROOT, clean_env()))[0]
+    assert "does not match" in one_error_line(done, "run_dir: ") and not (run_dir / "eval.json").exists()
 
 
 def test_a_run_that_does_not_fit_names_a_numeric_key():

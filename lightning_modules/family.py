@@ -79,6 +79,11 @@ class ModelFamily:
         """The summary.json fields of a ``measure`` result (final_accuracy, ...)."""
         raise NotImplementedError
 
+    def fit_metrics(self, task) -> dict[str, Any]:
+        """A finite training set's fit of the current weights, measured again: summary.json's final_train_<score>
+        (what eval.py records beside ``metrics``)."""
+        raise NotImplementedError
+
     def summary_fields(self) -> dict[str, Any]:
         """summary.json fields that name the model (besides its results)."""
         return {}

@@ -28,7 +28,7 @@ from lightning_modules.family import FLOAT, INDEX, Term
 from lightning_modules.logs import log_evaluation, log_training
 from lightning_modules.next_token_config import LinearFamily, MLPNextTokenFamily, NextTokenFamily, TransformerFamily
 from lightning_modules.optimizers import lightning_optimizers, optimizer
-from lightning_modules.training_fit import add_fit_buffers, fit_results, record_fit
+from lightning_modules.training_fit import add_fit_buffers, fit_results, record_fit, train_score_fields
 from networks.autoregressive import SPAN_ELEMENTS, linear_next_token, mlp_next_token
 from networks.transformer import CoTTransformer
 
@@ -217,6 +217,15 @@ class NextTokenModule(NextTokenFamily, L.LightningModule):
         held_out = dm.eval_set(self.device)
         return torch.stack([self.scores(net, tokens) for net, tokens in zip(self.backbones, held_out)])
 
+    def measure_fit(self, dm) -> torch.Tensor:
+        """(token, greedy, chain) accuracy (E, 3) of every member on the part of its finite training set each
+        evaluation measures; the greedy accuracy is the fit."""
+        subset = dm.train_subset(self.device)
+        return torch.stack([self.scores(net, tokens) for net, tokens in zip(self.backbones, subset)])
+
+    def fit_metrics(self, dm) -> dict:
+        return train_score_fields(self.measure_fit(dm)[:, 1], "accuracy")
+
     def metrics(self, accuracy: torch.Tensor) -> dict:
         """The evaluation's summary.json fields, per member for an ensemble, plain values for a single model; the
         final accuracy is the greedy one."""
@@ -233,8 +242,7 @@ class NextTokenModule(NextTokenFamily, L.LightningModule):
         token, greedy, chain = self.accuracy.T
         fit = {}
         if self.cfg.data.train_size is not None:  # the fit on the finite training set: greedy accuracy of the answer
-            subset = self.trainer.datamodule.train_subset(self.device)
-            on_train = torch.stack([self.scores(net, tokens) for net, tokens in zip(self.backbones, subset)])
+            on_train = self.measure_fit(self.trainer.datamodule)
             fit = record_fit(self, on_train[:, 1], on_train[:, 1] == 1.0, step, "accuracy")
             fit["train_set/token_accuracy"] = on_train[:, 0].mean()
         log_evaluation(self, {"eval/token_accuracy": token.mean(), "eval/greedy_accuracy": greedy.mean(),

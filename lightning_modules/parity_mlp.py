@@ -30,7 +30,7 @@ from lightning_modules.lightning_adapter import StepCounter, step_counter
 from lightning_modules.logs import log_evaluation, log_training
 from lightning_modules.mlp_config import MLPFamily
 from lightning_modules.optimizers import clip_per_member, lightning_optimizers, optimizer, scheduled
-from lightning_modules.training_fit import add_fit_buffers, fit_results, record_fit
+from lightning_modules.training_fit import add_fit_buffers, fit_results, record_fit, train_score_fields
 from metrics.hidden_progress import EXACT_MAX_N, HiddenProgress
 from networks.mlp import MLPEnsemble, mlp_ensemble
 
@@ -313,6 +313,16 @@ class ParityMLP(MLPFamily, L.LightningModule):
         f = self.outputs(x)
         return *dm.score(f, y), f
 
+    @torch.no_grad()
+    def measure_fit(self, dm) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score (E,) of every member on the part of its finite training set each evaluation measures, and
+        whether it fits that part (the held-out score's solved test)."""
+        x, y = dm.train_subset(self.device)
+        return dm.score(self.outputs(x), y)
+
+    def fit_metrics(self, dm) -> dict:
+        return train_score_fields(self.measure_fit(dm)[0], self.score_name)
+
     def metrics(self, score: torch.Tensor) -> dict:
         """The evaluation's summary.json field final_<score name> (final_accuracy for labels): per member for an
         ensemble, a plain value for a single model."""
@@ -329,8 +339,7 @@ class ParityMLP(MLPFamily, L.LightningModule):
         solved = int((self.solved_step >= 0).sum())
         secret, hidden, fit = dm.secret, {}, {}
         if self.cfg.data.train_size is not None:  # the fit on the finite training set
-            x, y = dm.train_subset(self.device)
-            fit = record_fit(self, *dm.score(self.outputs(x), y), step, self.score_name)
+            fit = record_fit(self, *self.measure_fit(dm), step, self.score_name)
         if self.hidden_progress is not None:
             x = self.trainer.datamodule.eval_set(self.device)[0]  # cached by the datamodule
             # the Fourier gap scores every member on member 0's held-out samples: a lone member's are its own

@@ -31,6 +31,10 @@ def fit_results(module: nn.Module, name: str) -> dict:
     if not hasattr(module, "fit_step"):
         return {}
     fit = [s if s >= 0 else None for s in module.fit_step.tolist()]
-    scores = module.train_score.tolist()
-    one = len(fit) == 1
-    return {"fit_step": fit[0] if one else fit, f"final_train_{name}": scores[0] if one else scores}
+    return {"fit_step": fit[0] if len(fit) == 1 else fit, **train_score_fields(module.train_score, name)}
+
+
+def train_score_fields(score: torch.Tensor, name: str) -> dict:
+    """``final_train_<name>`` of a training-set score (E,): per member for an ensemble, plain for one member."""
+    values = score.tolist()
+    return {f"final_train_{name}": values[0] if len(values) == 1 else values}

@@ -163,7 +163,8 @@ def record_evaluation(run_dir: Path, cfg: Config, changed: dict[str, Any]) -> tu
     task, module, step = restore(run_dir, cfg)
     record = {"experiment": cfg.experiment, "step": step, "eval_size": cfg.eval.size, "overrides": changed,
               "device": str(module.device), "members": getattr(module, "members", [0]),
-              **module.metrics(module.measure(task))}
+              **module.metrics(module.measure(task)),
+              **(module.fit_metrics(task) if cfg.data.train_size is not None else {})}
     if path.exists():
         try:
             held = json.loads(path.read_text())

@@ -15,7 +15,7 @@ from datamodules.stream import Ticket, eval_stream, pm1, train_stream
 from datamodules.task import Task
 from kernels.permutation import epoch_order
 from runtime.checkpointing import KILL_AT_STEP_ENV
-from runtime.experiment import build
+from runtime.experiment import build, evaluate_run, load_run
 from conftest import checkpoint, clean_env, one_error_line, train, train_all
 
 CPU = torch.device("cpu")
@@ -28,6 +28,11 @@ FINITE = {  # preset -> a small finite config of it (both formats, every task, a
     "majority_mlp": [],
     "staircase_mlp": [],
 }
+
+SHORT = ["trainer=cpu", "trainer.progress_bar=false", "data.batch_size=32", "data.train_size=64", "eval.size=64",
+         "eval.every_n_steps=30", "checkpoint.every_n_steps=30", "trainer.max_steps=60"]
+RUN_SHORT = {"parity_mlp": [*SHORT, "data.n=12", "data.k=2", "model.ensemble=2"],
+             "cot_parity": [*SHORT, "data.n=8", "data.k=2"]}
 
 
 def task(preset: str, *extra: str) -> Task:
@@ -141,6 +146,19 @@ def test_held_out_samples_are_never_training_samples():
 
 
 @pytest.mark.parametrize("preset", ["parity_mlp", "cot_parity"])
+def test_eval_measures_the_fit_of_a_finite_run_again(tmp_path, preset):
+    """The fit eval.py records is the one the run's last evaluation recorded (summary.json), by both families."""
+    run_dir = tmp_path / "run"
+    done = train(tmp_path, f"experiment={preset}", f"run_dir={run_dir}", *RUN_SHORT[preset])
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    _, record, _ = evaluate_run(run_dir)
+    assert record["final_train_accuracy"] == summary["final_train_accuracy"] and record["step"] == summary["steps"]
+    _, dm, module = load_run(run_dir)
+    assert module.fit_metrics(dm) == {"final_train_accuracy": summary["final_train_accuracy"]}
+
+
+@pytest.mark.parametrize("preset", ["parity_mlp", "cot_parity"])
 def test_without_train_size_the_stream_and_the_state_dict_are_unchanged(preset):
     cfg = compose([f"experiment={preset}", "data.batch_size=8"])
     dm, model = build(cfg)
@@ -219,3 +237,6 @@ def test_whole_runs_resume_mid_epoch_shard_over_ranks_and_record_their_fit(tmp_p
     fit = [step for step, value in curves["train_set/accuracy"] if value == 1.0]
     assert fit[0] == summary["fit_step"] and {"eval/accuracy_mean", "hidden/fourier_gap_mean"} <= curves.keys()
     assert scalars(tmp_path / "killed")["train_set/accuracy"] == curves["train_set/accuracy"]
+    _, record, _ = evaluate_run(tmp_path / "whole")  # eval.py measures the fit again
+    assert {key: record[key] for key in ("final_accuracy", "final_train_accuracy")} == {
+        key: summary[key] for key in ("final_accuracy", "final_train_accuracy")}

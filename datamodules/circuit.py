@@ -34,7 +34,7 @@ import torch
 
 from config import ConfigError
 from datamodules.circuit_config import SEPARATOR, SPLIT_BITS, CircuitProblem, Program, program
-from datamodules.stream import is_eval_stream
+from datamodules.stream import first_fitting, is_eval_stream
 from datamodules.task import Task
 from kernels.philox import MASK32, philox4x32, split_seed
 
@@ -98,31 +98,12 @@ def pattern_of(bits: torch.Tensor) -> torch.Tensor:
 
 def input_bits(seed: int, start: int, count: int, stream: int, n: int, device: torch.device) -> torch.Tensor:
     """Primary input bits (count, n), int64, of samples [start, start + count) of ``stream`` (module docstring)."""
-    key0, key1 = split_seed(seed)
-    calls = -(-n // 128)
-    split = n <= SPLIT_BITS
-    candidates = CANDIDATES if split else 1
     lo = (start & MASK32) + torch.arange(count, dtype=torch.int64, device=device)
     g_lo, g_hi = lo & MASK32, ((start >> 32) + (lo >> 32)) & MASK32
-    shifts = torch.arange(32, dtype=torch.int64, device=device)
-    out = torch.empty(count, n, dtype=torch.int64, device=device)
-    pending = torch.arange(count, device=device)
-    round_ = 0
-    while pending.numel():
-        counters = torch.arange(round_ * candidates * calls, (round_ + 1) * candidates * calls, device=device)
-        words = torch.stack(philox4x32(counters[None], g_lo[pending, None], g_hi[pending, None],
-                                       torch.full_like(counters[None], stream), key0, key1), dim=-1)
-        bits = ((words[..., None] >> shifts) & 1).view(pending.numel(), candidates, calls * 128)[..., :n]
-        if not split:
-            out[pending] = bits[:, 0]
-            break
-        fits = held_out(seed, pattern_of(bits)) == is_eval_stream(stream)
-        found = fits.any(1)
-        chosen = bits[torch.arange(pending.numel(), device=device), fits.to(torch.int8).argmax(1)]
-        out[pending[found]] = chosen[found]
-        pending = pending[~found]
-        round_ += 1
-    return out
+    if n > SPLIT_BITS:
+        return first_fitting(seed, g_lo, g_hi, stream, n, 1, None)
+    return first_fitting(seed, g_lo, g_hi, stream, n, CANDIDATES,
+                         lambda bits: held_out(seed, pattern_of(bits)) == is_eval_stream(stream))
 
 
 class CircuitTask(CircuitProblem, Task):

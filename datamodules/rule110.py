@@ -33,7 +33,7 @@ evaluation sample is a function of a pattern no training sample had.
 import torch
 
 from datamodules.rule110_config import ANSWER, EQUALS, Rule110Problem
-from datamodules.stream import is_eval_stream
+from datamodules.stream import first_fitting, is_eval_stream
 from datamodules.task import Task
 from kernels.philox import MASK32, philox4x32, split_seed
 
@@ -86,27 +86,8 @@ def rings(seed: int, start: int, count: int, stream: int, cells: int, generation
 def rings_of(seed: int, g_lo: torch.Tensor, g_hi: torch.Tensor, stream: int, cells: int, generations: int,
              held: bool) -> torch.Tensor:
     """First rows (count, w) of samples g = g_hi 2^32 + g_lo (count,) of ``stream``, cones on the ``held`` side."""
-    key0, key1 = split_seed(seed)
-    calls = -(-cells // 128)  # Philox calls per candidate ring
-    count, device = g_lo.numel(), g_lo.device
-    shifts = torch.arange(32, dtype=torch.int64, device=device)
-    out = torch.empty(count, cells, dtype=torch.int64, device=device)
-    pending = torch.arange(count, device=device)
-    round_ = 0
-    while pending.numel():
-        counters = torch.arange(round_ * CANDIDATES * calls, (round_ + 1) * CANDIDATES * calls, device=device)
-        words = torch.stack(philox4x32(counters[None], g_lo[pending, None], g_hi[pending, None],
-                                       torch.full_like(counters[None], stream), key0, key1), dim=-1)
-        bits = (words[..., None] >> shifts) & 1  # (pending, candidates * calls, 4 words, 32 bits)
-        candidates = bits.view(pending.numel(), CANDIDATES, calls * 128)[..., :cells]
-        fits = held_out(seed, cone(candidates.reshape(-1, cells), generations)).view(-1, CANDIDATES) == held
-        found = fits.any(1)
-        first = fits.to(torch.int8).argmax(1)  # the first fitting candidate
-        chosen = candidates[torch.arange(pending.numel(), device=device), first]
-        out[pending[found]] = chosen[found]
-        pending = pending[~found]
-        round_ += 1
-    return out
+    return first_fitting(seed, g_lo, g_hi, stream, cells, CANDIDATES,
+                         lambda rows: held_out(seed, cone(rows, generations)) == held)
 
 
 def sequences(cells: torch.Tensor, generations: int, chain: str) -> torch.Tensor:

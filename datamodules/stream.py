@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from config import Config, requested_world_size, task_class
+from kernels.philox import philox4x32, split_seed
 
 
 def train_stream(member: int) -> int:
@@ -29,6 +30,37 @@ def eval_stream(member: int) -> int:
 def is_eval_stream(stream: int) -> bool:
     """Whether ``stream`` is a member's evaluation stream (odd), not its training stream (even)."""
     return stream % 2 == 1
+
+
+def first_fitting(seed: int, g_lo: torch.Tensor, g_hi: torch.Tensor, stream: int, width: int, candidates: int,
+                  fits: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+    """Bits (count, width), int64, of samples g = g_hi 2^32 + g_lo (count,) of ``stream``. Candidate c takes bit i
+    from bit i % 32 of word (i // 32) % 4 of Philox(key=seed, counter=(c W + i // 128, g_lo, g_hi, stream)),
+    W = ceil(width / 128); a sample takes its first candidate that ``fits`` (bits (m, width) -> bool (m,)) accepts,
+    drawing ``candidates`` at a time until one does (candidate 0 where ``fits`` is None): a task's held-out split
+    of its input space (datamodules/rule110.py, circuit.py)."""
+    key0, key1 = split_seed(seed)
+    calls = -(-width // 128)
+    count, device = g_lo.numel(), g_lo.device
+    shifts = torch.arange(32, dtype=torch.int64, device=device)
+    out = torch.empty(count, width, dtype=torch.int64, device=device)
+    pending = torch.arange(count, device=device)
+    round_ = 0
+    while pending.numel():
+        counters = torch.arange(round_ * candidates * calls, (round_ + 1) * candidates * calls, device=device)
+        words = torch.stack(philox4x32(counters[None], g_lo[pending, None], g_hi[pending, None],
+                                       torch.full_like(counters[None], stream), key0, key1), dim=-1)
+        bits = ((words[..., None] >> shifts) & 1).view(pending.numel(), candidates, calls * 128)[..., :width]
+        if fits is None:
+            out[pending] = bits[:, 0]
+            break
+        accepted = fits(bits.reshape(-1, width)).view(-1, candidates)
+        found = accepted.any(1)
+        chosen = bits[torch.arange(pending.numel(), device=device), accepted.to(torch.int8).argmax(1)]
+        out[pending[found]] = chosen[found]
+        pending = pending[~found]
+        round_ += 1
+    return out
 
 
 def member_ids(cfg: Config) -> list[int]:

@@ -71,8 +71,8 @@ def start(cmd: list[str], cwd: Path, env: Optional[dict] = None) -> subprocess.P
             if not SERVER:
                 SERVER.append(forkserver.Server(base))
         return SERVER[0].start(cmd, cwd, env or base)
-    return subprocess.Popen(cmd, cwd=cwd, env=env or clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(cmd, cwd=cwd, env=env or base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def finish(*procs: subprocess.Popen, timeout: int = TIMEOUT) -> list[subprocess.CompletedProcess]:
@@ -93,6 +93,11 @@ def train_process(cwd: Path, *args: str, env: Optional[dict] = None) -> subproce
 
 def train(cwd: Path, *args: str, env: Optional[dict] = None, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
     return finish(train_process(cwd, *args, env=env), timeout=timeout)[0]
+
+
+def eval_py(*args) -> subprocess.CompletedProcess:
+    """eval.py with ``args`` (the run directory first), run from the repository root."""
+    return finish(start([sys.executable, str(ROOT / "eval.py"), *map(str, args)], ROOT))[0]
 
 
 def checkpoint(run_dir: Path) -> dict:

@@ -4,7 +4,6 @@ stream rule and held-out split, a user's netlist trained through train.py, and o
 import json
 import operator
 import random
-import sys
 from functools import reduce
 
 import circuitgraph as cg
@@ -18,7 +17,7 @@ from config import ConfigError, compose
 from datamodules.circuit import CircuitTask, evaluate, held_out, levels, pattern_of
 from datamodules.circuit_config import CircuitConfig, natural, program
 from runtime.memory import check_memory
-from conftest import ROOT, at_once, clean_env, finish, one_error_line, start, train, train_all
+from conftest import at_once, eval_py, one_error_line, train, train_all
 
 CPU = torch.device("cpu")
 RUN = ("trainer=cpu", "trainer.progress_bar=false")
@@ -179,8 +178,7 @@ def test_a_netlist_edited_since_the_checkpoint_is_another_problem(tmp_path):
     netlist.write_text("\n".join(edited) + "\n")
     refused = one_error_line(train(tmp_path, *args, "trainer.max_steps=30", "resume=auto"), "resume: ")
     assert "was trained on another problem (checkpoint vs config: circuit 'sha256:" in refused
-    done = finish(start([sys.executable, str(ROOT / "eval.py"), str(run_dir)], ROOT, clean_env()))[0]
-    assert "does not match" in one_error_line(done, "run_dir: ") and not (run_dir / "eval.json").exists()
+    assert "does not match" in one_error_line(eval_py(run_dir), "run_dir: ") and not (run_dir / "eval.json").exists()
 
 
 def test_a_run_that_does_not_fit_names_a_numeric_key():

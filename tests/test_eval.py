@@ -1,14 +1,13 @@
 """eval.py and load_run: a finished run evaluated again reproduces its summary exactly; what they refuse and write."""
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from config import CONFIG_DIR, ConfigError, compose, to_yaml
-from conftest import ROOT, checkpoint, clean_env, early, finish, one_error_line, start, train
+from conftest import checkpoint, early, eval_py, one_error_line, train
 from runtime.experiment import evaluate_run, load_run
 
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -23,10 +22,6 @@ def trained(run_dir: Path, *args: str) -> dict:
     done = train(run_dir.parent, f"run_dir={run_dir}", *TINY, *args)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads((run_dir / "summary.json").read_text())
-
-
-def evaluate(*args: str):
-    return finish(start([sys.executable, str(ROOT / "eval.py"), *map(str, args)], ROOT, clean_env()))[0]
 
 
 def spoil_recorded_accuracy(run_dir: Path) -> None:
@@ -72,7 +67,7 @@ def copied(run: tuple[Path, dict], where: Path) -> Path:
 def test_eval_py_writes_eval_json_and_says_so_in_one_line(run, tmp_path):
     run_dir = copied(run, tmp_path)
     spoil_recorded_accuracy(run_dir)
-    done = evaluate(run_dir)
+    done = eval_py(run_dir)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(done.stdout.strip().splitlines()) == 1 and str(run_dir / "eval.json") in done.stdout
     assert json.loads((run_dir / "eval.json").read_text())["final_accuracy"] == run[1]["final_accuracy"]
@@ -164,5 +159,5 @@ def test_evaluation_refusals_are_one_line_and_write_nothing(run, tmp_path):
 
 
 def test_eval_py_refuses_in_one_line_with_exit_2_and_writes_nothing(run):
-    one_error_line(evaluate(run[0], "data.k=2"), "data.k: fixed by what the run trained")
+    one_error_line(eval_py(run[0], "data.k=2"), "data.k: fixed by what the run trained")
     assert not list(run[0].glob("eval*.json"))

@@ -18,7 +18,7 @@ import torch
 
 import datamodules  # noqa: F401  (registers every task's declarations: compose below)
 import lightning_modules  # noqa: F401  (and every model family's)
-from conftest import ROOT, at_once, clean_env, dead_pid, finish, one_error_line, start, train, train_process
+from conftest import ROOT, at_once, clean_env, dead_pid, eval_py, finish, one_error_line, start, train, train_process
 from config import ConfigError, compose
 from metrics.hidden_progress import column_norm_image
 from runtime.checkpointing import check_resumable, digest_matches, read_checkpoint, write_digested
@@ -33,10 +33,6 @@ def copy_run(preset_runs, tmp_path: Path, name: str = "run") -> Path:
     run_dir, done = preset_runs["parity_mlp"]
     assert done.returncode == 0, done.stderr[-2000:]
     return Path(shutil.copytree(run_dir, tmp_path / name))
-
-
-def eval_py(*args: str) -> subprocess.CompletedProcess:
-    return finish(start([sys.executable, str(ROOT / "eval.py"), *args], ROOT))[0]
 
 
 def resume(run: Path, *args: str, **kw) -> subprocess.CompletedProcess:

@@ -11,12 +11,14 @@ import sys
 from pathlib import Path
 
 from config import ConfigError
+from lightning_modules.stopping import SIGNALS
 from runtime.console import guard_streams
 from runtime.run_dirs import StorageError
 
 
 class Stopped(BaseException):
-    """SIGINT, SIGTERM or SIGHUP arrived: stop where we are (nothing half-written: writes are atomic)."""
+    """One of train.py's stop signals arrived (SIGTERM, SIGINT, SIGHUP): stop where we are (nothing half-written:
+    writes are atomic)."""
 
 
 def stop(signum: int, frame) -> None:
@@ -25,7 +27,7 @@ def stop(signum: int, frame) -> None:
 
 def main(argv: list[str]) -> int:
     guard_streams()
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for signum in SIGNALS:
         signal.signal(signum, stop)
     if not argv or "=" in argv[0]:
         print("error: usage: python eval.py RUN_DIR [key=value ...]", file=sys.stderr)

@@ -36,7 +36,7 @@ from config import ConfigError
 from datamodules.circuit_config import SEPARATOR, SPLIT_BITS, CircuitProblem, Program, program
 from datamodules.stream import first_fitting, is_eval_stream
 from datamodules.task import Task
-from kernels.philox import MASK32, philox4x32, split_seed
+from kernels.philox import philox4x32, sample_words, split_seed
 
 SPLIT_STREAM = 0xFFFFFFFF  # counter word 3 of the split hash (sample streams are small)
 CANDIDATES = 8  # input patterns drawn per round where the input space is split
@@ -98,8 +98,7 @@ def pattern_of(bits: torch.Tensor) -> torch.Tensor:
 
 def input_bits(seed: int, start: int, count: int, stream: int, n: int, device: torch.device) -> torch.Tensor:
     """Primary input bits (count, n), int64, of samples [start, start + count) of ``stream`` (module docstring)."""
-    lo = (start & MASK32) + torch.arange(count, dtype=torch.int64, device=device)
-    g_lo, g_hi = lo & MASK32, ((start >> 32) + (lo >> 32)) & MASK32
+    g_lo, g_hi = sample_words(start, count, device)
     if n > SPLIT_BITS:
         return first_fitting(seed, g_lo, g_hi, stream, n, 1, None)
     return first_fitting(seed, g_lo, g_hi, stream, n, CANDIDATES,

@@ -41,7 +41,7 @@ import torch
 from datamodules.multiply_config import ANSWER, EQUALS, PLUS, SUM, TIMES, MultiplyProblem
 from datamodules.stream import is_eval_stream, joined
 from datamodules.task import Task
-from kernels.philox import MASK32, philox4x32, split_seed
+from kernels.philox import MASK32, philox4x32, sample_words, split_seed
 
 OPEN, CLOSE = 15, 16  # the brackets of the malach chains
 PAIR = 17  # malach_joined: token PAIR + 10 i + j is the digit pair i x j
@@ -58,8 +58,7 @@ def held_out(seed: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def operands(seed: int, start: int, count: int, stream: int, digits: int, held: bool,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Operand pairs of samples [start, start + count) of ``stream``, all on the ``held`` side of the split."""
-    lo = (start & MASK32) + torch.arange(count, dtype=torch.int64, device=device)
-    return operands_of(seed, lo & MASK32, ((start >> 32) + (lo >> 32)) & MASK32, stream, digits, held)
+    return operands_of(seed, *sample_words(start, count, device), stream, digits, held)
 
 
 def operands_of(seed: int, g_lo: torch.Tensor, g_hi: torch.Tensor, stream: int, digits: int,

@@ -35,7 +35,7 @@ import torch
 from datamodules.rule110_config import ANSWER, EQUALS, Rule110Problem
 from datamodules.stream import first_fitting, is_eval_stream
 from datamodules.task import Task
-from kernels.philox import MASK32, philox4x32, split_seed
+from kernels.philox import MASK32, philox4x32, sample_words, split_seed
 
 RULE = 110
 SYMBOLS = "01=>"
@@ -79,8 +79,7 @@ def held_out(seed: int, cone_cells: torch.Tensor) -> torch.Tensor:
 def rings(seed: int, start: int, count: int, stream: int, cells: int, generations: int, held: bool,
           device: torch.device) -> torch.Tensor:
     """First rows (count, w) of samples [start, start + count) of ``stream``, their cones on the ``held`` side."""
-    lo = (start & MASK32) + torch.arange(count, dtype=torch.int64, device=device)
-    return rings_of(seed, lo & MASK32, ((start >> 32) + (lo >> 32)) & MASK32, stream, cells, generations, held)
+    return rings_of(seed, *sample_words(start, count, device), stream, cells, generations, held)
 
 
 def rings_of(seed: int, g_lo: torch.Tensor, g_hi: torch.Tensor, stream: int, cells: int, generations: int,

@@ -37,3 +37,10 @@ def split_seed(seed: int) -> tuple[int, int]:
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     return seed & MASK32, seed >> 32
+
+
+def sample_words(start: int, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples g in [start, start + count) as their counter words (g mod 2^32, g div 2^32 mod 2^32), int64
+    (count,) each: the carry out of the low word reaches the high one."""
+    lo = (start & MASK32) + torch.arange(count, dtype=torch.int64, device=device)
+    return lo & MASK32, ((start >> 32) + (lo >> 32)) & MASK32

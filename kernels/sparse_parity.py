@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from kernels.dispatch import resolve_backend
-from kernels.philox import MASK32, philox4x32, split_seed
+from kernels.philox import MASK32, philox4x32, sample_words, split_seed
 from kernels.tokens import SEPARATOR
 
 NOISE_WORD = 0xFFFFFFFF
@@ -136,8 +136,7 @@ def _reference(seed, start, count, n, secret, streams, threshold, layout, compil
         ext = extension()
         if ext is not None:
             return _from_bits(*sparse_parity_cpu(ext, seed, start, count, n, secret, streams, threshold), layout)
-    lo = (start & MASK32) + torch.arange(count, dtype=torch.int64, device=secret.device)
-    return _drawn(seed, lo & MASK32, ((start >> 32) + (lo >> 32)) & MASK32, n, secret, streams, threshold, layout)
+    return _drawn(seed, *sample_words(start, count, secret.device), n, secret, streams, threshold, layout)
 
 
 def _drawn(seed, g_lo, g_hi, n, secret, streams, threshold, layout):

@@ -5,7 +5,8 @@
 Each case sets up tiny runs in a fresh temporary directory, runs one command and records its exit status
 and last stderr line. A case passes when the command ends in one line (``error: ...`` or ``stopped by ...``)
 with the status the case expects, no traceback, and the case's check of what is left on disk holds.
-The table is docs/reliability.md's; tests/test_faults.py drills the same classes where they are quick.
+The table is docs/results.md's (Faults and hostile input); tests/test_faults.py drills the same classes where
+they are quick.
 """
 import argparse
 import json

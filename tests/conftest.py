@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -93,6 +94,16 @@ def train_process(cwd: Path, *args: str, env: Optional[dict] = None) -> subproce
 
 def train(cwd: Path, *args: str, env: Optional[dict] = None, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
     return finish(train_process(cwd, *args, env=env), timeout=timeout)[0]
+
+
+def wait_for(path: Path, proc, timeout: float = 120) -> None:
+    """Return once ``path`` exists; fail if ``proc`` ends first (with its stderr) or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the process ended before {path} existed: {proc.stderr.read()[-2000:]}")
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(0.02)
 
 
 def eval_py(*args) -> subprocess.CompletedProcess:

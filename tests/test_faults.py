@@ -18,7 +18,8 @@ import torch
 
 import datamodules  # noqa: F401  (registers every task's declarations: compose below)
 import lightning_modules  # noqa: F401  (and every model family's)
-from conftest import ROOT, at_once, clean_env, dead_pid, eval_py, finish, one_error_line, start, train, train_process
+from conftest import (ROOT, at_once, clean_env, dead_pid, eval_py, finish, one_error_line, start, train,
+                      train_process, wait_for)
 from config import ConfigError, compose
 from metrics.hidden_progress import column_norm_image
 from runtime.checkpointing import check_resumable, digest_matches, read_checkpoint, write_digested
@@ -39,13 +40,6 @@ def resume(run: Path, *args: str, **kw) -> subprocess.CompletedProcess:
     return train(run.parent, "experiment=parity_mlp", f"run_dir={run}", "resume=auto", "trainer=cpu",
                  "trainer.progress_bar=false", "eval.every_n_steps=10", "checkpoint.every_n_steps=10", "eval.size=64",
                  *args, **kw)
-
-
-def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
-    deadline = time.time() + seconds
-    while not path.exists():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
-        time.sleep(0.2)
 
 
 # --- checkpoint integrity -------------------------------------------------------------------------------------

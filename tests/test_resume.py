@@ -29,7 +29,7 @@ from runtime.checkpointing import (IDENTITY_KEY, KILL_AT_STEP_ENV, LOGGED_STEP_K
                                    identity_defaults, load_for_resume, resume_path, run_identity)
 from lightning_modules.parity_mlp import ParityMLP
 from conftest import (ROOT, TIMEOUT, at_once, checkpoint, clean_env, early, finish, one_error_line, start, train,
-                      train_all)
+                      train_all, wait_for)
 # Batches of 50 SGD steps (the largest that divides the eval and checkpoint periods); checkpoints at 200
 # and 400. The kill at 350 comes after the step-300 (and -350) metrics reached TensorBoard: the resumed run must hide
 # them and log them again. Momentum gives the optimizer a state to restore.
@@ -167,10 +167,7 @@ def test_slurm_requeue_signal_then_restart_continues_from_last_checkpoint(tmp_pa
                "data.k=6", "data.batch_size=4096"]  # unsolved, and ~1 s per batch: the signal lands mid-batch
     job = start([*command, "trainer.max_steps=1000000000"], tmp_path, env)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not (run_dir / "checkpoints" / "last.ckpt").exists():
-            assert job.poll() is None and time.monotonic() < deadline, "the job ended or never checkpointed"
-            time.sleep(0.05)
+        wait_for(run_dir / "checkpoints" / "last.ckpt", job, TIMEOUT)
         time.sleep(0.3)  # the checkpointed batch's metrics reach the event file as the next batch starts
         job.send_signal(signal.SIGUSR1)
     except BaseException:

@@ -2,14 +2,13 @@
 import hashlib
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 
 from config import ConfigError
 from runtime.run_dirs import HOST, RunDirLock, claim, make_run_dir, write_atomic
-from conftest import checkpoint, dead_pid, early, finish, one_error_line, train, train_all, train_process
+from conftest import checkpoint, dead_pid, early, finish, one_error_line, train, train_all, train_process, wait_for
 
 CPU = ["trainer.accelerator=cpu", "trainer.progress_bar=false", "eval.size=256"]
 SHORT = [*CPU, "trainer.max_steps=200", "eval.every_n_steps=100", "checkpoint.every_n_steps=100", "data.k=6"]
@@ -48,10 +47,7 @@ def test_a_second_live_process_is_kept_out_of_a_run_dir(tmp_path):
     first = train_process(tmp_path, f"run_dir={run_dir}", *CPU, "trainer.max_steps=100000", "data.k=6",
                           "data.batch_size=2048", "eval.every_n_steps=1000", "checkpoint.every_n_steps=1000")
     try:
-        deadline = time.monotonic() + 120
-        while not (run_dir / "config.yaml").exists():
-            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
-            time.sleep(0.05)
+        wait_for(run_dir / "config.yaml", first)
         before = (run_dir / "config.yaml").read_text()
         refused = train_all(tmp_path, {"new": [f"run_dir={run_dir}", *SHORT],  # not even to continue it; both at once
                                        "resume": [f"run_dir={run_dir}", *SHORT, "resume=auto"]})

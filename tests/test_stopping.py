@@ -9,20 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import checkpoint, early, finish, train, train_process
+from conftest import checkpoint, early, finish, train, train_process, wait_for
 
 CPU = ["trainer.accelerator=cpu", "trainer.progress_bar=false"]
 # Unsolvable within the budget, batches of 100 steps of a few hundredths of a second each (here): a signal lands
 # inside a batch.
 LONG = [*CPU, "data.k=6", "data.batch_size=16384", "eval.size=256", "eval.every_n_steps=300",
         "checkpoint.every_n_steps=300", "trainer.max_steps=300"]
-
-
-def wait_for(path: Path, proc, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or never got there"
-        time.sleep(0.02)
 
 
 def same_weights(a: dict, b: dict) -> bool:
